@@ -1,0 +1,333 @@
+"""Moving weights between the released safetensors layout and our modules.
+
+Our state dict uses the released tensor names with one exception, the MoE experts: the checkpoint stores
+`...mlp.experts.{e}.{gate,up,down}_proj.weight` per expert; we hold `...mlp.experts.gate_up_proj` [E, 2I, H]
+and `...mlp.experts.down_proj` [E, H, I]. `ExpertLayout` is the only place that knows this.
+
+Loading reads each tensor straight from the file into its final parameter (`readinto` when the dtype and
+device already match, one staging buffer otherwise), so peak host memory is about one copy of the weights.
+Only safetensors files are read; nothing is unpickled and no code from the folder is run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, InputError, MissingFileError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+# ---- the one conversion rule ------------------------------------------------------------------------------
+class ExpertLayout:
+    """Per-expert tensors on disk <-> stacked expert tensors in memory."""
+
+    disk = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+    ours = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<param>gate_up_proj|down_proj)$")
+
+    @classmethod
+    def export(cls, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Our tensor -> the released tensors it stands for (views; works on meta tensors)."""
+        m = cls.ours.match(name)
+        if m is None:
+            return {name: tensor}
+        prefix, out = m["prefix"], {}
+        for e in range(tensor.shape[0]):
+            if m["param"] == "down_proj":
+                out[f"{prefix}.{e}.down_proj.weight"] = tensor[e]
+            else:
+                gate, up = tensor[e].chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate
+                out[f"{prefix}.{e}.up_proj.weight"] = up
+        return out
+
+    @classmethod
+    def destination(cls, state: dict[str, torch.Tensor], disk_name: str) -> torch.Tensor | None:
+        """The view of our tensors that the released tensor `disk_name` fills, or None if we have no such tensor."""
+        m = cls.disk.match(disk_name)
+        if m is None:
+            return state.get(disk_name)
+        e, proj = int(m["expert"]), m["proj"]
+        if proj == "down_proj":
+            stacked = state.get(f"{m['prefix']}.down_proj")
+            return None if stacked is None or e >= stacked.shape[0] else stacked[e]
+        stacked = state.get(f"{m['prefix']}.gate_up_proj")
+        if stacked is None or e >= stacked.shape[0]:
+            return None
+        gate, up = stacked[e].chunk(2, dim=0)
+        return gate if proj == "gate_proj" else up
+
+
+def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our state dict renamed and split into the released layout (views of our tensors; works on meta)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        out.update(ExpertLayout.export(name, tensor))
+    return out
+
+
+# ---- reading safetensors ----------------------------------------------------------------------------------
+class SafetensorsFile:
+    """A safetensors file read by header + offsets, one tensor at a time, straight into a destination."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MissingFileError(f"checkpoint shard {str(self.path)!r} does not exist")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file (header of {n} bytes, file {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = header
+        for name, entry in header.items():
+            end = self.data_start + entry["data_offsets"][1]
+            if end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated safetensors file: tensor {name!r} ends at byte {end}, file has {size}"
+                )
+            if entry["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self.entries[name]["dtype"]]
+
+    def read_into(self, name: str, dest: torch.Tensor, handle, staging: dict) -> None:
+        """Fill `dest` (contiguous, right shape) with tensor `name`, converting dtype/device if needed."""
+        begin, end = self.entries[name]["data_offsets"]
+        handle.seek(self.data_start + begin)
+        nbytes = end - begin
+        src_dtype = self.dtype(name)
+        if dest.device.type == "cpu" and dest.dtype == src_dtype and dest.is_contiguous():
+            if nbytes and handle.readinto(memoryview(dest.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise CheckpointError(f"{self.path}: short read for tensor {name!r}")
+            return
+        buf = staging.get("buf")
+        if buf is None or buf.numel() < nbytes:
+            buf = staging["buf"] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        view = buf[:nbytes]
+        if nbytes and handle.readinto(memoryview(view.numpy())) != nbytes:
+            raise CheckpointError(f"{self.path}: short read for tensor {name!r}")
+        dest.copy_(view.view(src_dtype).view(dest.shape))
+
+
+def checkpoint_files(folder: str | Path) -> dict[str, Path]:
+    """Tensor name -> shard path for a folder with `model.safetensors` or a sharded index."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFileError(f"checkpoint folder {str(folder)!r} does not exist")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are not in the folder: {missing}")
+        return {name: folder / f for name, f in weight_map.items()}
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in SafetensorsFile(single).entries}
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise CheckpointError(f"{folder}: only safetensors checkpoints are read (found pickle files, not loaded)")
+    raise MissingFileError(f"checkpoint folder {str(folder)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+# ---- materialising a meta model ---------------------------------------------------------------------------
+def materialize(model: nn.Module, device, dtype: torch.dtype | None) -> None:
+    """Give a model built on `meta` real (uninitialised) storage: one allocation per tensor, final dtype."""
+    if dtype is not None:
+        model.to(dtype)
+    devices = device if isinstance(device, dict) else None
+    if devices is None:
+        model.to_empty(device=device or "cpu")
+    else:
+        for name, child in model.named_children():
+            child.to_empty(device=devices.get(name, "cpu"))
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
+
+
+def load_state(
+    model: nn.Module,
+    folder: str | Path,
+    prefixes: Iterable[str] | None = None,
+    strict: bool = True,
+    progress: bool | None = None,
+) -> None:
+    """Fill `model`'s tensors from the checkpoint in `folder`.
+
+    `prefixes` limits which released tensors are considered (e.g. ("thinker.",) for a thinker-only load);
+    the others are skipped unread. With `strict`, any missing, unexpected or mis-shaped tensor raises a
+    `CheckpointError` listing them all before anything is read.
+    """
+    files = checkpoint_files(folder)
+    keep = tuple(prefixes) if prefixes is not None else None
+    wanted = {n: p for n, p in files.items() if keep is None or n.startswith(keep)}
+    expected = {n: list(t.shape) for n, t in export_state_dict(model).items()}
+    headers = {p: SafetensorsFile(p) for p in sorted(set(wanted.values()))}
+    _check_names(expected, wanted, headers, strict)
+    state = model.state_dict()
+    by_file: dict[Path, list[str]] = {}
+    for name, path in wanted.items():
+        if name in expected:
+            by_file.setdefault(path, []).append(name)
+    total = sum(p.stat().st_size for p in by_file)
+    show = progress if progress is not None else total > 2**30
+    items = sorted(by_file.items())
+    if show:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="Loading checkpoint shards", unit="shard")
+    staging: dict = {}
+    with torch.no_grad():
+        for path, names in items:
+            shard = headers[path]
+            with open(path, "rb", buffering=0) as handle:
+                for name in sorted(names, key=lambda n: shard.entries[n]["data_offsets"][0]):
+                    shard.read_into(name, ExpertLayout.destination(state, name), handle, staging)
+
+
+def _check_names(expected: dict, wanted: dict, headers: dict, strict: bool) -> None:
+    problems = []
+    missing = sorted(set(expected) - set(wanted))
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): " + _listing((n, expected[n], None) for n in missing))
+    unexpected = sorted(set(wanted) - set(expected))
+    if unexpected and strict:
+        problems.append(
+            f"{len(unexpected)} unexpected tensor(s): "
+            + _listing((n, None, headers[wanted[n]].shape(n)) for n in unexpected)
+        )
+    mismatched = []
+    for name in sorted(set(wanted) & set(expected)):
+        shard = headers[wanted[name]]
+        if shard.shape(name) != expected[name]:
+            mismatched.append((name, expected[name], shard.shape(name)))
+        elif not shard.dtype(name).is_floating_point:
+            mismatched.append((name, "a floating-point tensor", f"{shard.dtype(name)}"))
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape or dtype: " + _listing(mismatched))
+    if problems and (strict or missing or mismatched):
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
+
+
+def _listing(rows, limit: int = 12) -> str:
+    rows = list(rows)
+    parts = []
+    for name, want, got in rows[:limit]:
+        detail = ", ".join(x for x in (want is not None and f"expected {want}", got is not None and f"found {got}") if x)
+        parts.append(f"{name} ({detail})" if detail else name)
+    more = f" ... and {len(rows) - limit} more" if len(rows) > limit else ""
+    return ", ".join(parts) + more
+
+
+# ---- saving ------------------------------------------------------------------------------------------------
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if m is None:
+        raise InputError(f"max_shard_size: expected an int or a string like '5GB', got {size!r}")
+    unit = (m[2] or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m[1]) * scale)
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def save_checkpoint(
+    tensors: dict[str, torch.Tensor], out_dir: str | Path, config: dict, max_shard_size: int | str = "5GB",
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """Write `tensors` (released names) + `config.json` to `out_dir` atomically.
+
+    Everything goes into a temporary sibling folder that replaces `out_dir` only once complete, so an
+    interrupted save leaves an existing checkpoint at `out_dir` as it was and no partial files behind.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        groups = _shards(tensors, limit)
+        weight_map = {}
+        for i, names in enumerate(groups, 1):
+            fname = SINGLE_FILE if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            # Clone: expert views share storage, which safetensors refuses; one shard is in memory at a time.
+            shard = {n: tensors[n].detach().to("cpu").contiguous().clone() for n in names}
+            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, fname))
+            del shard
+        if len(groups) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    backup.rmdir()
+    os.replace(target, backup)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""The library's typed errors.
+
+Every error a user can trigger with bad input is one of these. Each is a `ValueError` (or
+`FileNotFoundError`) so generic handlers keep working, and each message names the argument, the value
+received and what was expected.
+"""
+
+from __future__ import annotations
+
+
+class Qwen3OmniError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class ConfigError(Qwen3OmniError, ValueError):
+    """A configuration file or dict is missing a field, or a field has the wrong type or value."""
+
+
+class CheckpointError(Qwen3OmniError, ValueError):
+    """A checkpoint on disk does not match the model: missing, unexpected or mis-shaped tensors, bad files."""
+
+
+class InputError(Qwen3OmniError, ValueError):
+    """An argument of a public entry point is invalid (wrong shape, range, type or content)."""
+
+
+class MissingFileError(Qwen3OmniError, FileNotFoundError):
+    """A file or folder the user pointed at does not exist."""
+
+
+def describe(value, limit: int = 80) -> str:
+    """A short printable form of `value` for error messages (tensors by shape and dtype, not contents)."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{type(value).__name__}(shape={list(shape)}, dtype={dtype})"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,101 @@
+"""`Qwen3Omni`: the thinker, the talker and Code2Wav composed, loaded from and saved to the released layout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+from ..config import Qwen3OmniConfig
+from ..errors import InputError
+from .thinker import Thinker
+
+COMPONENTS = ("thinker", "talker", "code2wav")
+
+
+def resolve_components(config: Qwen3OmniConfig, components: Iterable[str] | str | None) -> tuple[str, ...]:
+    """The parts to build: all available ones by default; an unknown or unavailable name is an error."""
+    available = COMPONENTS if config.has_talker else ("thinker",)
+    if components is None:
+        return available
+    if isinstance(components, str):
+        components = [components]
+    chosen = set(components)
+    unknown = sorted(chosen - set(COMPONENTS))
+    if unknown:
+        raise InputError(f"components: unknown part(s) {unknown}; expected a subset of {list(COMPONENTS)}")
+    absent = sorted(chosen - set(available))
+    if absent:
+        raise InputError(
+            f"components: {absent} requested, but this checkpoint has no speech output (enable_audio_output is "
+            f"false); available: {list(available)}"
+        )
+    return tuple(c for c in COMPONENTS if c in chosen)
+
+
+class Qwen3Omni(nn.Module):
+    """Thinker + Talker + Code2Wav. Any of the last two may be absent (thinker-only checkpoints or loads)."""
+
+    def __init__(self, config: Qwen3OmniConfig, components: Iterable[str] | str | None = None):
+        super().__init__()
+        self.config = config
+        self.components = resolve_components(config, components)
+        self.thinker = Thinker(config.thinker) if "thinker" in self.components else None
+        self.talker = None
+        self.code2wav = None
+        if "talker" in self.components:
+            from .talker import Talker
+
+            self.talker = Talker(config.talker)
+        if "code2wav" in self.components:
+            from .code2wav import Code2Wav
+
+            self.code2wav = Code2Wav(config.code2wav)
+
+    @property
+    def has_talker(self) -> bool:
+        return self.talker is not None and self.code2wav is not None
+
+    # ---- loading and saving ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | dict | None = None,
+        components: Iterable[str] | str | None = None,
+        strict: bool = True,
+        progress: bool | None = None,
+    ) -> Qwen3Omni:
+        """Build on the meta device, then read each tensor once into its final dtype and device.
+
+        `dtype=None` keeps the dtype recorded in config.json (float32 if none). `device` may map component
+        names to devices, e.g. {"thinker": "cuda:0", "talker": "cuda:1", "code2wav": "cuda:1"}.
+        `components={"thinker"}` reads only the thinker's tensors (about 10 GB less for the released model).
+        """
+        config = Qwen3OmniConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = cls(config, components)
+        dtype = dtype if dtype is not None else _config_dtype(config)
+        ckpt.materialize(model, device, dtype)
+        ckpt.load_state(model, path, prefixes=[f"{c}." for c in model.components], strict=strict, progress=progress)
+        return model.eval()
+
+    def save_pretrained(self, out_dir: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write the released layout (sharded safetensors + index + config.json), atomically.
+
+        A model without talker/code2wav saves as a thinker-only checkpoint (enable_audio_output: false).
+        """
+        config = self.config if self.has_talker else self.config.thinker_only()
+        out = config.to_dict()
+        out["dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        ckpt.save_checkpoint(ckpt.export_state_dict(self), out_dir, out, max_shard_size)
+
+
+def _config_dtype(config: Qwen3OmniConfig) -> torch.dtype:
+    name = config.extra.get("dtype") or config.extra.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
