@@ -248,7 +248,8 @@ def _listing(rows, limit: int = 12) -> str:
     rows = list(rows)
     parts = []
     for name, want, got in rows[:limit]:
-        detail = ", ".join(x for x in (want is not None and f"expected {want}", got is not None and f"found {got}") if x)
+        said = (want is not None and f"expected {want}", got is not None and f"found {got}")
+        detail = ", ".join(x for x in said if x)
         parts.append(f"{name} ({detail})" if detail else name)
     more = f" ... and {len(rows) - limit} more" if len(rows) > limit else ""
     return ", ".join(parts) + more

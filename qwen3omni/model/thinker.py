@@ -184,13 +184,13 @@ class Thinker(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("Thinker.forward: pass exactly one of input_ids and inputs_embeds")
-        deepstack_hook, visual_mask = None, None
+        deepstack_hook = None
         if inputs_embeds is None:
             mm = self.embed(
                 input_ids, input_features, feature_attention_mask, pixel_values, image_grid_thw,
                 pixel_values_videos, video_grid_thw,
             )
-            inputs_embeds, visual_mask = mm.inputs_embeds, mm.visual_mask
+            inputs_embeds = mm.inputs_embeds
             if mm.deepstack is not None:
                 deepstack_hook = _deepstack_hook(mm.visual_mask, mm.deepstack)
         if position_ids is None:
@@ -205,7 +205,7 @@ class Thinker(nn.Module):
                 )
         out = self.model(
             inputs_embeds, position_ids, attention_mask, cache, deepstack_hook,
-            output_hidden_states=output_hidden_states, output_router_logits=output_router_logits or labels is not None,
+            output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
         )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
@@ -218,6 +218,36 @@ class Thinker(nn.Module):
 
             thinker_losses(self.config.text, result, labels, attention_mask)
         return result
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        **media,
+    ):
+        """Text generation (greedy or sampled) for a batch in the processor's format.
+
+        Returns a `TextGeneration` with `.sequences` [B, prompt + new]. Media keywords are those of `forward`.
+        """
+        from ..generation.sampling import SamplingConfig
+        from ..generation.text import generate_text
+
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+        return generate_text(
+            self, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, generator,
+            **media,
+        )
 
 
 def _feature_lengths(input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -36,8 +36,10 @@ def _eager(q, k, v, mask, causal, scale):
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
+    probs = torch.softmax(scores.float(), dim=-1)
+    if mask is not None:  # a query with no visible key outputs zeros (as SDPA does), not NaN
+        probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return torch.matmul(probs.to(q.dtype), v)
 
 
 def attend(
@@ -56,8 +58,8 @@ def attend(
     if backend == "eager":
         return _eager(q, k, v, mask, causal, scale)
     if backend == "flash" and mask is None and flash_usable(q):
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, softmax_scale=scale)
-        return out.transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants [B, T, H, D]
+        return flash_attn_func(q, k, v, causal=causal, softmax_scale=scale).transpose(1, 2)
     if causal and q.shape[2] != k.shape[2]:
         # SDPA's is_causal aligns top-left; spell out the bottom-right mask for a query block after a cache.
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
@@ -86,7 +88,8 @@ def attend_segments(
         if end > start:
             by_length.setdefault(end - start, []).append(start)
     for length, starts in by_length.items():
-        index = (torch.tensor(starts, device=q_NHD.device)[:, None] + torch.arange(length, device=q_NHD.device)).flatten()
+        device = q_NHD.device
+        index = (torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)).flatten()
         q, k, v = (t[index].unflatten(0, (len(starts), length)).transpose(1, 2) for t in (q_NHD, k_NHD, v_NHD))
         o = attend(q, k, v, backend="eager" if backend == "eager" else "sdpa")
         out[index] = o.transpose(1, 2).flatten(0, 1)
@@ -100,8 +103,8 @@ def decoder_mask(
 
     `key_valid` [B, >= start + q_len] is False at padded key positions. Returns None when plain causal
     attention over the whole prefix is enough (no padding, no window), so SDPA can take its fast path.
-    A query always sees its own key, so padded query rows never become all -inf (which would turn into NaN
-    and poison real rows through 0 * NaN in the value product).
+    A padded query sees no key at all; `attend` returns zeros for such rows (SDPA's behaviour, which the
+    reference relies on), so they never turn into NaN.
     """
     k_len = start + q_len
     if key_valid is None and window is None:
@@ -114,7 +117,6 @@ def decoder_mask(
     allowed = allowed[None, None]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :k_len]
-        allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
     return allowed
 
 

@@ -72,7 +72,8 @@ class RotaryEmbedding(nn.Module):
         with torch.device("cpu"):
             if self.layout == "axial_2d":
                 inv = inverse_frequencies(self.head_dim // 2, self.theta)
-                axes = torch.cat([torch.zeros(inv.shape[0], dtype=torch.long), torch.ones(inv.shape[0], dtype=torch.long)])
+                n = inv.shape[0]
+                axes = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
                 return torch.cat([inv, inv]), axes
             inv = inverse_frequencies(self.head_dim, self.theta)
             if self.layout == "plain":
