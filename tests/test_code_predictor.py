@@ -1,0 +1,220 @@
+"""Code predictor parity against the transformers reference (fp32, CPU): per-step logits and greedy codes of
+several frames, teacher-forced logits, sampling with its own knobs, and a decode loop free of host syncs."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from qwen3omni.config import Qwen3OmniConfig
+from qwen3omni.errors import InputError
+from qwen3omni.generation.sampling import SamplingConfig, warp
+from qwen3omni.model.code_predictor import CodePredictor, predictor_sampling
+from qwen3omni.model.omni import Qwen3Omni
+
+from reference import build_reference, max_rel_err, save_reference, tiny_config
+
+# Our per-step logits equal the reference's to ~1e-7 (same ops); the reference's own eager and sdpa paths differ
+# by ~1e-7 too, while a wrong rotary theta or a missing q/k norm moves them by >= 1e-2 (see the calibration test).
+TOL = 1e-4
+
+# Another shape: GQA 4:1, three layers, a wider MLP, other head_dim and rope theta.
+VARIANT = {
+    "talker_config.code_predictor_config.num_key_value_heads": 1,
+    "talker_config.code_predictor_config.num_hidden_layers": 3,
+    "talker_config.code_predictor_config.layer_types": ["full_attention"] * 3,
+    "talker_config.code_predictor_config.intermediate_size": 128,
+    "talker_config.code_predictor_config.head_dim": 32,
+    "talker_config.code_predictor_config.rope_parameters.rope_theta": 1000,
+}
+
+
+class Pair:
+    def __init__(self, talker, ref_talker):
+        self.talker, self.ref = talker, ref_talker
+        self.ours: CodePredictor = talker.code_predictor
+        self.hidden = talker.config.code_predictor.hidden_size
+
+
+def _load(path):
+    return Qwen3Omni.from_pretrained(path, dtype=torch.float32, components={"talker"}).talker
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return Pair(_load(tiny_checkpoint.path), tiny_checkpoint.reference.talker)
+
+
+@pytest.fixture(scope="module")
+def variant(tmp_path_factory):
+    ref = build_reference(tiny_config(VARIANT), seed=7)
+    return Pair(_load(save_reference(ref, tmp_path_factory.mktemp("predictor_variant"))), ref.talker)
+
+
+def _frames(pair: Pair, B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, pair.hidden, generator=g)
+    layer0 = torch.randint(0, pair.talker.config.text.vocab_size, (B,), generator=g)
+    return hidden, layer0
+
+
+def _reference_generate(pair: Pair, hidden, layer0, **kw):
+    embeds = torch.stack([hidden, pair.ref.model.codec_embedding(layer0)], dim=1)
+    with torch.no_grad():
+        return pair.ref.code_predictor.generate(
+            inputs_embeds=embeds, max_new_tokens=pair.ours.num_residual, output_logits=True,
+            output_hidden_states=True, return_dict_in_generate=True, **kw,
+        )
+
+
+@pytest.mark.parametrize("which", ["tiny", "variant"])
+def test_greedy_codes_and_step_logits_match_reference(which, request):
+    pair = request.getfixturevalue(which)
+    hidden, layer0 = _frames(pair)
+    ref = _reference_generate(pair, hidden, layer0, do_sample=False)
+    frame = pair.talker.predict_residual(hidden, layer0, return_logits=True)
+    assert torch.equal(frame.codes, ref.sequences)
+    ref_logits = torch.stack(ref.logits, dim=1)
+    for step in range(pair.ours.num_residual):
+        assert max_rel_err(frame.logits[:, step], ref_logits[:, step]) < TOL, step
+    # codes differ across rows and steps: the fixture is not degenerate
+    assert len(set(frame.codes.flatten().tolist())) > frame.codes.numel() // 2
+    # the embedding the next talker step consumes, as the reference's prepare_inputs_for_generation sums it
+    mid = [h[0] for h in ref.hidden_states[1:]]
+    last = pair.ref.code_predictor.get_input_embeddings()[-1](ref.sequences[:, -1:])
+    with torch.no_grad():
+        ref_sum = torch.cat([pair.ref.model.codec_embedding(layer0)[:, None], *mid, last], dim=1).sum(1)
+        assert torch.equal(frame.next_talker_embed, ref_sum)
+        assert torch.equal(pair.talker.codec_step_embedding(layer0, frame.codes), ref_sum)
+
+
+def test_calibration(tiny, tiny_checkpoint):
+    """Wrong variants move the step logits by >= 1e-2; the reference's eager vs sdpa paths stay far below TOL."""
+    from reference import set_reference_attention
+
+    hidden, layer0 = _frames(tiny)
+    sdpa = torch.stack(_reference_generate(tiny, hidden, layer0, do_sample=False).logits, dim=1)
+    try:
+        set_reference_attention(tiny_checkpoint.reference, "eager")
+        eager = torch.stack(_reference_generate(tiny, hidden, layer0, do_sample=False).logits, dim=1)
+    finally:
+        set_reference_attention(tiny_checkpoint.reference, "sdpa")
+    assert max_rel_err(eager, sdpa) < TOL / 10
+
+    def first_step_err(edit) -> float:
+        model = CodePredictor(tiny.talker.config.code_predictor).eval()
+        model.load_state_dict(tiny.ours.state_dict())
+        edit(model)
+        frame = model.predict(hidden, tiny.talker.model.codec_embedding(layer0), return_logits=True)
+        # compare the first 2 steps (fed back the same codes as the reference when they agree)
+        return max_rel_err(frame.logits[:, :2], sdpa[:, :2])
+
+    assert first_step_err(lambda m: None) < TOL
+
+    def theta(m):
+        m.model.rotary.theta = 100.0
+        m.model.rotary.reset_buffers()
+
+    def no_qk_norm(m):
+        for layer in m.model.layers:
+            layer.self_attn.q_norm = layer.self_attn.k_norm = None
+
+    assert first_step_err(theta) >= 1e-2
+    assert first_step_err(no_qk_norm) >= 1e-2
+
+
+@pytest.mark.parametrize("which", ["tiny", "variant"])
+def test_teacher_forced_logits_equal_step_by_step(which, request):
+    pair = request.getfixturevalue(which)
+    hidden, layer0 = _frames(pair, B=6, seed=1)
+    frame = pair.talker.predict_residual(hidden, layer0, return_logits=True)
+    codes = torch.cat([layer0[:, None], frame.codes], dim=1)  # [6, 16]
+    # the 6 frames as a [2, 3] batch of sequences
+    with torch.no_grad():
+        tf = pair.talker.code_predictor_logits(hidden.view(2, 3, -1), codes.view(2, 3, -1))
+    assert tf.shape == (2, 3, pair.ours.num_residual, pair.ours.config.vocab_size)
+    assert max_rel_err(tf.view(6, *tf.shape[2:]), frame.logits) < TOL
+
+
+def test_sampling_matches_reference_draws(tiny):
+    """With the reference's knobs (top_k 50, top_p 0.8, temperature 1) and the same global seed, our draws equal
+    the reference's sampled codes: same distribution after warping, same multinomial calls."""
+    hidden, layer0 = _frames(tiny, B=3, seed=2)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ref = _reference_generate(tiny, hidden, layer0, do_sample=True, top_k=50, top_p=0.8)
+        torch.manual_seed(seed)
+        ours = tiny.talker.predict_residual(hidden, layer0, predictor_sampling(True))
+        assert torch.equal(ours.codes, ref.sequences)
+    greedy = tiny.talker.predict_residual(hidden, layer0, predictor_sampling(False))
+    assert not torch.equal(ours.codes, greedy.codes)  # sampling did something
+
+
+def test_sampling_knobs(tiny):
+    hidden, layer0 = _frames(tiny, B=8, seed=3)
+    greedy = tiny.talker.predict_residual(hidden, layer0).codes
+    g = torch.Generator().manual_seed(0)
+    top1 = tiny.talker.predict_residual(hidden, layer0, SamplingConfig(True, temperature=2.0, top_k=1), g).codes
+    assert torch.equal(top1, greedy)
+    knobs = SamplingConfig(True, temperature=1.5, top_k=5)
+    for _ in range(2):
+        frame = tiny.talker.predict_residual(hidden, layer0, knobs, g, return_logits=True)
+        allowed = torch.isfinite(warp(frame.logits.flatten(0, 1), knobs)).view_as(frame.logits)
+        assert allowed.gather(-1, frame.codes.unsqueeze(-1)).all()  # every draw inside its step's top 5
+    # a generator makes draws reproducible
+    a = tiny.talker.predict_residual(hidden, layer0, knobs, torch.Generator().manual_seed(9)).codes
+    b = tiny.talker.predict_residual(hidden, layer0, knobs, torch.Generator().manual_seed(9)).codes
+    assert torch.equal(a, b)
+
+
+def test_reused_cache_and_no_host_sync(tiny):
+    """A cache from new_cache serves frame after frame; the loop never reads a tensor value on the host."""
+    hidden, layer0 = _frames(tiny, B=2, seed=4)
+    embed = tiny.talker.model.codec_embedding(layer0)
+    fresh = tiny.ours.predict(hidden, embed)
+    fresh_sampled = tiny.ours.predict(hidden, embed, predictor_sampling(True), torch.Generator().manual_seed(0))
+    cache = tiny.ours.new_cache(2)
+    with _no_host_reads():
+        frames = [
+            tiny.ours.predict(hidden, embed, sampling, torch.Generator().manual_seed(0), cache=cache)
+            for sampling in (None, predictor_sampling(True), None)
+        ]
+    assert cache.capacity == tiny.ours.num_residual + 1  # never grew
+    assert torch.equal(frames[0].codes, fresh.codes) and torch.equal(frames[2].codes, fresh.codes)
+    assert torch.equal(frames[1].codes, fresh_sampled.codes)
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    def fail(*args, **kwargs):
+        raise AssertionError("host sync inside the code predictor loop")
+
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__index__")}
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, fail)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_rejects_bad_input(tiny):
+    hidden, layer0 = _frames(tiny, B=2)
+    embed = tiny.talker.model.codec_embedding(layer0)
+    with pytest.raises(InputError, match="talker_hidden_BC"):
+        tiny.ours.predict(hidden[:, :5], embed)
+    with pytest.raises(InputError, match="layer0_embed_BC"):
+        tiny.ours.predict(hidden, embed[:1])
+    with pytest.raises(InputError, match="cache"):
+        tiny.ours.predict(hidden, embed, cache=tiny.ours.new_cache(3))
+    with pytest.raises(InputError, match="codes_BTG"):
+        tiny.talker.code_predictor_logits(hidden[:, None], torch.zeros(2, 1, 15, dtype=torch.long))
+
+
+def test_config_mirrors_released_counts():
+    cfg = Qwen3OmniConfig.from_dict(tiny_config())
+    model = CodePredictor(cfg.talker.code_predictor)
+    assert len(model.lm_head) == len(model.model.codec_embedding) == cfg.talker.num_code_groups - 1
