@@ -46,16 +46,24 @@ def official_template() -> str:
     return json.loads(TEMPLATE.read_text())["chat_template"]
 
 
-def write_tokenizer(folder: Path) -> None:
+# Role names are single tokens in the released vocabulary; the talker finds user and assistant turns by them.
+ROLE_IDS = {"system": 8948, "user": 872, "assistant": 77091}
+
+
+def write_tokenizer(folder: Path, role_tokens: bool = False) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab.update(SPECIAL_IDS)
+    if role_tokens:
+        vocab.update(ROLE_IDS)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_IDS])
+    if role_tokens:
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in ROLE_IDS])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.save_pretrained(str(folder))
     config_file = folder / "tokenizer_config.json"
@@ -64,10 +72,10 @@ def write_tokenizer(folder: Path) -> None:
     config_file.write_text(json.dumps(config, indent=1))
 
 
-def make_checkpoint_folder(folder: Path, template: bool = True) -> Path:
+def make_checkpoint_folder(folder: Path, template: bool = True, role_tokens: bool = False) -> Path:
     """Tokenizer files, chat_template.json and preprocessor_config.json, as a released folder has them."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(folder)
+    write_tokenizer(folder, role_tokens)
     if template:
         shutil.copy(TEMPLATE, folder / "chat_template.json")
     shutil.copy(PREPROCESSOR, folder / "preprocessor_config.json")

@@ -21,17 +21,12 @@ MEDIA_KEYS = (
 class TextGeneration:
     sequences: torch.Tensor  # [B, prompt + new] token ids (finished rows continue with the pad id)
     prompt_length: int
-    # Per forward pass, the hidden states the caller asked to keep (layer index -> [B, tokens, C]); the
-    # prompt comes first, then one entry per fed-back token. The last generated token is never fed back.
-    kept_hidden: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # The hidden states the caller asked to keep, over the prompt: layer index -> [B, T_prompt, C].
+    prompt_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length :]
-
-    def hidden(self, layer: int) -> torch.Tensor:
-        """Layer `layer`'s hidden states over prompt + fed-back tokens: [B, T_prompt + new - 1, C]."""
-        return torch.cat(self.kept_hidden[layer], dim=1)
 
 
 def eos_tensor(eos_token_id, device) -> torch.Tensor | None:
@@ -55,7 +50,10 @@ def thinker_steps(
     keep_hidden: tuple[int, ...] = (),
     **media,
 ) -> Iterator[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
-    """Yield (new token ids [B], kept hidden states of the pass that produced them) one step at a time.
+    """Yield (new token ids [B], kept hidden states) one step at a time.
+
+    `keep_hidden` names layers whose hidden states over the prompt are returned with the first token (the
+    talker reads layer `accept_hidden_layer` of the prompt); later steps return an empty dict.
 
     Rows stop independently: once a row has produced an EOS it continues with `pad_token_id` (default: the
     first EOS id, as transformers does) until every row is done or `max_new_tokens` is reached.
@@ -86,7 +84,7 @@ def thinker_steps(
     for step in range(max_new_tokens):
         token = next_token(out.logits[:, -1], sampling, seen, generator=generator)
         token = torch.where(unfinished, token, torch.full_like(token, pad))
-        kept = {layer: out.hidden_states[layer] for layer in keep_hidden}
+        kept = {layer: out.hidden_states[layer] for layer in keep_hidden} if step == 0 else {}
         yield token, kept
         if eos is not None:
             unfinished = unfinished & ~torch.isin(token, eos)
@@ -96,10 +94,7 @@ def thinker_steps(
             return
         seen = torch.cat([seen, token[:, None]], dim=1)
         last_pos = last_pos + 1
-        out = thinker(
-            input_ids=token[:, None], position_ids=last_pos, cache=cache,
-            output_hidden_states=bool(keep_hidden),
-        )
+        out = thinker(input_ids=token[:, None], position_ids=last_pos, cache=cache)
 
 
 def generate_text(
@@ -116,14 +111,13 @@ def generate_text(
     **media,
 ) -> TextGeneration:
     """Run `thinker_steps` to the end and collect the sequences (and kept hidden states)."""
-    tokens, kept = [], {layer: [] for layer in keep_hidden}
+    tokens, kept = [], {}
     for token, hidden in thinker_steps(
         thinker, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, generator,
         keep_hidden, **media,
     ):
         tokens.append(token)
-        for layer, h in hidden.items():
-            kept[layer].append(h)
+        kept.update(hidden)
         if on_token is not None:
             on_token(token)
     sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)

@@ -59,6 +59,30 @@ class Qwen3Omni(nn.Module):
     def has_talker(self) -> bool:
         return self.talker is not None and self.code2wav is not None
 
+    # ---- generation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Text, and speech unless `return_audio=False`, for a batch in the processor's format.
+
+        Thinker knobs: max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+        eos_token_id (default <|im_end|>). Talker knobs: return_audio, speaker ("ethan", "chelsie", "aiden"),
+        talker_do_sample, talker_temperature, talker_top_k, talker_top_p, talker_min_p,
+        talker_repetition_penalty, talker_max_new_tokens. Code predictor: predictor_do_sample (default: as the
+        talker), predictor_temperature, predictor_top_k, predictor_top_p. `generator` seeds all sampling.
+        Returns `GenerationOutput(sequences, audio, codes)`; `audio` is None without speech.
+        """
+        from ..generation.pipeline import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Like `generate` (batch size 1), but yields `StreamEvent(kind, data)` as soon as each piece is ready:
+        ("text", new token ids) and ("audio", new 24 kHz samples). Speech starts after the first codec frames."""
+        from ..generation.pipeline import stream
+
+        yield from stream(self, input_ids, attention_mask, **kwargs)
+
     # ---- loading and saving ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(

@@ -1,0 +1,88 @@
+"""The talker's decode loop: one codec frame per step (layer-0 code from the talker, codes 1..15 from the code
+predictor), fed back as the sum of the frame's codec embeddings plus the next text embedding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..model import positions
+from ..model.talker import decode_positions, prefill_positions, rope_deltas
+from .sampling import SamplingConfig, next_token
+from .talker_input import TalkerPrompt
+
+
+@dataclass
+class SpeechSettings:
+    sampling: SamplingConfig  # the talker's (layer-0 codes)
+    predictor: SamplingConfig  # the code predictor's (codes 1..15)
+    max_new_tokens: int = 4096
+    generator: torch.Generator | None = None
+
+
+def suppressed_ids(config, device) -> torch.Tensor:
+    """The talker may not emit its control ids (the last 1024 of its vocabulary), except codec EOS."""
+    vocab = config.talker.text.vocab_size
+    ids = torch.arange(vocab - 1024, vocab, device=device)
+    return ids[ids != config.talker.codec_eos_token_id]
+
+
+def talker_positions(model, prompt: TalkerPrompt, media: dict) -> torch.Tensor:
+    """TM-RoPE ids of the talker prompt: the thinker's rule on the talker's ids when the batch has media
+    (audio, images or video), plain text positions otherwise — as the reference decides."""
+    grids = [media.get("image_grid_thw"), media.get("video_grid_thw")]
+    has_media = media.get("feature_attention_mask") is not None or any(g is not None and g.numel() for g in grids)
+    ids, mask = prompt.input_ids, prompt.attention_mask
+    if not has_media:
+        return prefill_positions(mask, ids.shape, ids.device)
+    fam = media.get("feature_attention_mask")
+    return positions.rope_index(
+        model.config.thinker, ids, mask,
+        audio_mel_lengths=None if fam is None else fam.sum(-1).to(ids.device),
+        image_grid_thw=media.get("image_grid_thw"), video_grid_thw=media.get("video_grid_thw"),
+        video_second_per_grid=media.get("video_second_per_grid"),
+        use_audio_in_video=bool(media.get("use_audio_in_video", False)),
+    )
+
+
+def talker_frames(
+    model,
+    prompt: TalkerPrompt,
+    text_for_step: Callable[[int], torch.Tensor],
+    settings: SpeechSettings,
+    media: dict,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (codes [B, 16] of one frame, unfinished [B] before this frame) until every row emits codec EOS.
+
+    `text_for_step(g)` gives the [B, C] text embedding the talker reads at step g (a trailing answer token,
+    tts_eos or tts_pad); streaming callers may block in it until the thinker has produced that token.
+    A row that has finished keeps going with EOS as its token (its frames are to be dropped by the caller);
+    the token after the last allowed step never gets its frame, as in the reference.
+    """
+    talker, cfg = model.talker, model.config
+    B = prompt.inputs_embeds.shape[0]
+    device = prompt.inputs_embeds.device
+    eos = cfg.talker.codec_eos_token_id
+    suppress = suppressed_ids(cfg, device)
+    pos = talker_positions(model, prompt, media).to(device)
+    deltas = rope_deltas(pos, prompt.attention_mask)
+    cache = talker.model.new_cache(B, prompt.inputs_embeds.shape[1] + settings.max_new_tokens)
+    predictor_cache = talker.code_predictor.new_cache(B)
+    out = talker(prompt.inputs_embeds, pos, prompt.attention_mask, cache, logits_to_keep=1)
+    seen = torch.empty(B, 0, dtype=torch.long, device=device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    for step in range(settings.max_new_tokens):
+        token = next_token(out.logits[:, -1], settings.sampling, seen, suppress, settings.generator)
+        token = torch.where(unfinished, token, torch.full_like(token, eos))
+        seen = torch.cat([seen, token[:, None]], dim=1)
+        unfinished = unfinished & (token != eos)
+        if step == settings.max_new_tokens - 1 or not bool(unfinished.any()):
+            return
+        frame = talker.predict_residual(
+            out.last_hidden_state[:, -1], token, settings.predictor, settings.generator, predictor_cache
+        )
+        yield torch.cat([token[:, None], frame.codes], dim=1), unfinished
+        step_embed = frame.next_talker_embed + text_for_step(step).to(frame.next_talker_embed.dtype)
+        out = talker(step_embed[:, None], decode_positions(cache.length, deltas), cache=cache, logits_to_keep=1)
