@@ -16,25 +16,14 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from qwen3omni.demo import NAMED_TOKENS, ROLE_IDS, SPECIAL_IDS, byte_level_tokenizer  # noqa: F401
+
 DATA = Path(__file__).resolve().parent / "data"
 SPEECH = DATA / "speech_librivox_16k.flac"  # LibriVox (public domain), 7.1 s, 16 kHz mono
 PHOTO = DATA / "photo_chelsea_333x221.jpg"  # scikit-image "chelsea" (CC0), 333 x 221
 VIDEO = DATA / "video_coffee_speech.mp4"  # scikit-image "coffee" (CC0) pan, 12 fps, 50 frames, AAC speech
 TEMPLATE = DATA / "qwen3_omni_thinking_chat_template.json"
 PREPROCESSOR = DATA / "preprocessor_config.json"
-
-SPECIAL_IDS = {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656,
-    "<|audio_start|>": 151669, "<|audio_end|>": 151670, "<|tts_pad|>": 151671, "<|tts_bos|>": 151672,
-    "<|tts_eos|>": 151673, "<|audio_pad|>": 151675,
-}
-NAMED_TOKENS = {
-    "image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "audio_token": "<|audio_pad|>",
-    "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
-    "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
-}
-
 
 def speech() -> np.ndarray:
     samples, rate = soundfile.read(str(SPEECH), dtype="float32")
@@ -46,26 +35,10 @@ def official_template() -> str:
     return json.loads(TEMPLATE.read_text())["chat_template"]
 
 
-# Role names are single tokens in the released vocabulary; the talker finds user and assistant turns by them.
-ROLE_IDS = {"system": 8948, "user": 872, "assistant": 77091}
-
-
 def write_tokenizer(folder: Path, role_tokens: bool = False) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update(SPECIAL_IDS)
-    if role_tokens:
-        vocab.update(ROLE_IDS)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_IDS])
-    if role_tokens:
-        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in ROLE_IDS])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(str(folder))
+    """The demo's byte-level tokenizer (special tokens at their released ids), saved as a checkpoint ships it.
+    `role_tokens` also makes "system", "user" and "assistant" single tokens at their released ids."""
+    byte_level_tokenizer(role_tokens).save_pretrained(str(folder))
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config.update(NAMED_TOKENS)  # as the released tokenizer_config.json names its placeholders
