@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import MoeDecoderConfig, ThinkerConfig
-from ..errors import InputError
+from ..errors import InputError, describe
 from ..modules.attention import Attention
 from ..modules.decoder import DecoderLayer, DecoderStack
 from ..modules.kv_cache import KVCache
@@ -253,7 +253,17 @@ class Thinker(nn.Module):
 def _feature_lengths(input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None) -> torch.Tensor:
     if feature_attention_mask is None:
         return torch.full((input_features.shape[0],), input_features.shape[-1], dtype=torch.long)
-    return feature_attention_mask.sum(-1).long()
+    lengths = feature_attention_mask.sum(-1).long()
+    # The encoder reads each clip's first `length` frames: the mask must mark exactly those (right padding).
+    frames = torch.arange(feature_attention_mask.shape[-1], device=lengths.device)
+    if feature_attention_mask.shape != input_features.shape[::2] or not torch.equal(
+        feature_attention_mask.bool(), frames < lengths[:, None]
+    ):
+        raise InputError(
+            f"feature_attention_mask: expected [num_audios, frames] = {list(input_features.shape[::2])} marking each "
+            f"clip's leading frames (right padding), got {describe(feature_attention_mask)}"
+        )
+    return lengths
 
 
 def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, what: str) -> torch.Tensor:
