@@ -31,7 +31,11 @@ def suppressed_ids(config, device) -> torch.Tensor:
 
 def talker_positions(model, prompt: TalkerPrompt, media: dict) -> torch.Tensor:
     """TM-RoPE ids of the talker prompt: the thinker's rule on the talker's ids when the batch has media
-    (audio, images or video), plain text positions otherwise — as the reference decides."""
+    (audio, images or video), plain text positions otherwise — as the reference decides.
+
+    With `use_audio_in_video` the talker's ids hold the same interleaved video/audio layout as the thinker's,
+    so they get the same rule. (transformers 5.24 does not pass the flag to its talker, whose position code
+    then fails on such prompts for want of an audio config; we give the talker what the thinker saw.)"""
     grids = [media.get("image_grid_thw"), media.get("video_grid_thw")]
     has_media = media.get("feature_attention_mask") is not None or any(g is not None and g.numel() for g in grids)
     ids, mask = prompt.input_ids, prompt.attention_mask
