@@ -1,0 +1,205 @@
+"""The incremental Code2Wav decoder: what it emits, concatenated, is `forward` on the whole stream.
+
+Exactness is checked against both our offline forward and the transformers reference, on streams longer than
+the attention window (so keys are evicted) and with pieces of every size, including empty ones. The cost per
+frame not growing with the stream is checked structurally: the carried state stops growing once the window
+is full (no timing assertions).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_code2wav import WAVE_TOL, ours_like, random_codes, reference_code2wav
+
+from qwen3omni.errors import InputError
+from qwen3omni.modules.causal_conv import CausalConv1d, CausalConvTranspose1d
+
+FRAMES = 130  # > the 72-frame window
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Pushes of one frame are hundreds of tiny ops: on a shared 2-core machine two OpenMP threads per op
+    slow them down 20x (each op waits for a descheduled thread); one thread is as fast when idle."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ref = reference_code2wav(seed=5)
+    ours = ours_like(ref)
+    codes = random_codes(2, FRAMES, seed=11)
+    with torch.no_grad():
+        want = ref(codes)[:, 0]
+        offline = ours(codes)[:, 0]
+    return ours, codes, want, offline
+
+
+def stream(model, codes, pieces):
+    """Push `codes` in pieces of the given sizes (cycled), then flush: (all samples emitted, frames, emitted)."""
+    dec = model.streaming_decoder()
+    out, start, i = [], 0, 0
+    while start < codes.shape[-1]:
+        size = pieces[i % len(pieces)]
+        out.append(dec.push(codes[..., start : start + size]))
+        start, i = start + size, i + 1
+    frames, emitted = dec.frames, dec.emitted
+    out.append(dec.flush())
+    return torch.cat(out, dim=-1), frames, emitted
+
+
+@pytest.fixture(scope="module")
+def frame_by_frame(setup):
+    """The stream pushed one frame at a time: the outputs, and the carried state's size after each push."""
+    ours, codes, _, _ = setup
+    dec = ours.streaming_decoder()
+    out, sizes, cached = [], [], []
+    for t in range(FRAMES):
+        out.append(dec.push(codes[..., t : t + 1]))
+        sizes.append(dec.state_numel())
+        cached.append(dec.cache.cached)
+    return dec, out, sizes, cached, (dec.frames, dec.emitted)
+
+
+@pytest.mark.parametrize("pieces", [[1], [5], [17], [3, 0, 1, 40, 2, 71, 13]], ids=["1", "5", "17", "mixed"])
+def test_stream_reproduces_forward(setup, frame_by_frame, pieces):
+    ours, codes, want, offline = setup
+    if pieces == [1]:
+        _, out, _, _, (frames, emitted) = frame_by_frame
+        wav = torch.cat(out, dim=-1)
+    else:
+        wav, frames, emitted = stream(ours, codes, pieces)
+    assert wav.shape == want.shape == (2, ours.num_samples(FRAMES))
+    assert frames == FRAMES and emitted == wav.shape[-1]
+    assert float((wav - want).abs().max()) < WAVE_TOL
+    assert float((wav - offline).abs().max()) < WAVE_TOL
+
+
+def test_stream_with_small_window_matches_reference():
+    """Window 8: keys are evicted at almost every push, and the mask inside multi-frame pushes matters."""
+    over = {"code2wav_config.sliding_window": 8}
+    ref = reference_code2wav(over, seed=9)
+    ours = ours_like(ref, over)
+    codes = random_codes(2, 40, seed=9)
+    with torch.no_grad():
+        want = ref(codes)[:, 0]
+    for pieces in ([1], [5], [17], [2, 9, 0, 11]):
+        wav, _, _ = stream(ours, codes, pieces)
+        assert wav.shape == want.shape
+        assert float((wav - want).abs().max()) < WAVE_TOL, pieces
+
+
+def test_samples_are_released_as_soon_as_final(setup, frame_by_frame):
+    """After t frames exactly num_samples(t) samples are out; the 555 held back need the next frame."""
+    ours, _, _, offline = setup
+    _, out, _, _, _ = frame_by_frame
+    emitted = 0
+    for t, piece in enumerate(out, start=1):
+        assert piece.shape == (2, ours.num_samples(t) - emitted)
+        emitted += piece.shape[-1]
+        # held back: 8*60 + 5*12 + 4*3 + 3 = 555, one input of each x8/x5/x4/x3 transposed conv
+        assert emitted == 1920 * t - 555
+    assert ours.streaming_decoder().flush().shape == (0, 0)
+
+
+def test_flush_releases_nothing_forward_would_keep(setup):
+    """The held-back samples are never final: forward drops them too (the transposed convs' right trim)."""
+    ours, codes, _, offline = setup
+    dec = ours.streaming_decoder()
+    head = dec.push(codes[..., :9])
+    assert dec.held_back == 555
+    tail = dec.flush()
+    assert tail.shape == (2, 0)
+    with torch.no_grad():
+        assert float((head - ours(codes[..., :9])[:, 0]).abs().max()) < WAVE_TOL
+
+
+def test_state_stops_growing(setup, frame_by_frame):
+    """The carried state (window keys/values, conv histories, transposed-conv inputs) is bounded."""
+    ours, codes, _, _ = setup
+    dec, _, sizes, cached, _ = frame_by_frame
+    window = ours.config.sliding_window
+    assert cached == [min(t + 1, window - 1) for t in range(FRAMES)]
+    assert len(set(sizes[window:])) == 1, "state keeps growing after the window is full"
+    assert sizes[window] > sizes[0]  # and it did grow while the window filled
+    # a long push does not leave a larger state behind
+    dec.push(codes[..., :50])
+    assert dec.state_numel() == sizes[-1]
+
+
+def test_flush_resets_for_a_new_stream(setup):
+    ours, codes, _, offline = setup
+    dec = ours.streaming_decoder()
+    dec.push(codes[..., :7])
+    dec.flush()
+    assert dec.frames == 0 and dec.state_numel() == 0
+    again = torch.cat([dec.push(codes[..., :20]), dec.flush()], -1)
+    with torch.no_grad():
+        assert float((again - ours(codes[..., :20])[:, 0]).abs().max()) < WAVE_TOL
+    assert dec.flush().shape == (0, 0)  # nothing pushed since: no batch known
+
+
+def test_push_validates_codes(setup):
+    ours, codes, _, _ = setup
+    dec = ours.streaming_decoder()
+    dec.push(codes[..., :3])
+    with pytest.raises(InputError, match="batch size 2"):
+        dec.push(codes[:1, :, 3:5])
+    with pytest.raises(InputError, match="2048"):
+        dec.push(torch.full((2, 16, 1), 2048))
+    with pytest.raises(InputError, match="integer"):
+        dec.push(codes[..., 3:5].float())
+    with pytest.raises(InputError, match="16 quantizers"):
+        dec.push(codes[:, :8, 3:5])
+    assert dec.push(codes[..., 3:3]).shape == (2, 0)
+
+
+# ---- the generic causal conv pieces -------------------------------------------------------------------------
+def _steps(module, x, pieces):
+    state, out, start, i = {}, [], 0, 0
+    while start < x.shape[-1]:
+        out.append(module.step(x[..., start : start + pieces[i % len(pieces)]], state))
+        start, i = start + pieces[i % len(pieces)], i + 1
+    return torch.cat(out, -1)
+
+
+@pytest.mark.parametrize("kernel,stride", [(2, 2), (16, 8), (9, 3), (6, 2), (3, 1)])
+def test_transposed_conv_streams_and_matches_trimmed_conv_transpose(kernel, stride):
+    torch.manual_seed(kernel * 10 + stride)
+    m = CausalConvTranspose1d(6, 5, kernel, stride).eval()
+    x = torch.randn(2, 6, 23)
+    trim = kernel - stride
+    with torch.no_grad():
+        full = F.conv_transpose1d(x, m.conv.weight, m.conv.bias, stride=stride)
+        want = full[..., trim : full.shape[-1] - trim]
+        assert torch.allclose(m(x), want, atol=1e-5)
+        for pieces in ([1], [4], [2, 0, 7]):
+            assert torch.allclose(_steps(m, x, pieces), want, atol=1e-5), pieces
+
+
+@pytest.mark.parametrize("kernel,dilation,groups", [(7, 1, 1), (7, 9, 1), (7, 1, 4), (1, 1, 1)])
+def test_causal_conv_streams(kernel, dilation, groups):
+    torch.manual_seed(kernel + dilation + groups)
+    m = CausalConv1d(4, 8, kernel, dilation=dilation, groups=groups).eval()
+    x = torch.randn(2, 4, 70)
+    with torch.no_grad():
+        want = m.conv(F.pad(x, ((kernel - 1) * dilation, 0)))
+        assert torch.allclose(m(x), want, atol=1e-5)
+        for pieces in ([1], [5], [3, 0, 60]):
+            assert torch.allclose(_steps(m, x, pieces), want, atol=1e-5), pieces
+
+
+@pytest.mark.parametrize("length", [9, 10, 11, 12])
+def test_strided_causal_conv_pads_right_to_a_whole_stride(length):
+    """Offline only (Code2Wav's convs all have stride 1): the input is right-padded to a multiple of the stride."""
+    torch.manual_seed(length)
+    m = CausalConv1d(3, 2, 4, stride=3).eval()
+    x = torch.randn(1, 3, length)
+    extra = -(-length // 3) * 3 - length
+    with torch.no_grad():
+        assert torch.allclose(m(x), m.conv(F.pad(x, (1, extra))), atol=1e-6)
