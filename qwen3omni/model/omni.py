@@ -97,22 +97,33 @@ class Qwen3Omni(nn.Module):
         """Build on the meta device, then read each tensor once into its final dtype and device.
 
         `dtype=None` keeps the dtype recorded in config.json (float32 if none). `device` may map component
-        names to devices, e.g. {"thinker": "cuda:0", "talker": "cuda:1", "code2wav": "cuda:1"}.
+        names to devices, e.g. {"thinker": "cuda:0", "talker": "cuda:1", "code2wav": "cuda:1"} (every loaded
+        component must be named; see `placement`), and each tensor is read straight onto its component's device.
         `components={"thinker"}` reads only the thinker's tensors (about 10 GB less for the released model).
         """
+        from .placement import resolve_devices
+
         config = Qwen3OmniConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config, components)
         dtype = dtype if dtype is not None else _config_dtype(config)
-        ckpt.materialize(model, device, dtype)
+        ckpt.materialize(model, resolve_devices(device, model.components), dtype)
         ckpt.load_state(model, path, prefixes=[f"{c}." for c in model.components], strict=strict, progress=progress)
         return model.eval()
 
-    def save_pretrained(self, out_dir: str | Path, max_shard_size: int | str = "5GB") -> None:
+    def save_pretrained(
+        self, out_dir: str | Path, max_shard_size: int | str = "5GB", merge_into: str | Path | None = None
+    ) -> None:
         """Write the released layout (sharded safetensors + index + config.json), atomically.
 
         A model without talker/code2wav saves as a thinker-only checkpoint (enable_audio_output: false).
+        With `merge_into=checkpoint_dir`, that checkpoint is written instead, with this model's tensors in
+        place of its own (e.g. a fine-tuned thinker into the full release; see `training.save_merged`).
         """
+        if merge_into is not None:
+            from ..training.saving import save_merged
+
+            return save_merged(self, out_dir, merge_into)
         config = self.config if self.has_talker else self.config.thinker_only()
         out = config.to_dict()
         out["dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
