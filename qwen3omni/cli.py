@@ -33,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--do-sample", action="store_true")
     args = parser.parse_args(argv)
-    return _demo(args) if args.command == "demo" else _chat(args)
+    from .errors import Qwen3OmniError
+
+    try:
+        return _demo(args) if args.command == "demo" else _chat(args)
+    except Qwen3OmniError as e:  # bad arguments, files or checkpoints: one clear line, not a traceback
+        print(f"qwen3omni {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _cuda() -> bool:

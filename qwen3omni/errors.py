@@ -36,3 +36,14 @@ def describe(value, limit: int = 80) -> str:
         return f"{type(value).__name__}(shape={list(shape)}, dtype={dtype})"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def expect_int(value, name: str, least: int | None = None) -> int:
+    """`value` as an int (bools and floats refused), at least `least`; else an InputError naming `name`."""
+    import numbers
+
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise InputError(f"{name}: expected an integer{'' if least is None else f' >= {least}'}, got {describe(value)}")
+    if least is not None and value < least:
+        raise InputError(f"{name}: must be >= {least}, got {value!r}")
+    return int(value)

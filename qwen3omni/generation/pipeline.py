@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, describe, expect_int
 from ..model.code_predictor import predictor_sampling
+from ..model.thinker import check_token_ids
 from .sampling import SamplingConfig
 from .speech import SpeechSettings, talker_frames
-from .talker_input import project_text, speaker_id, talker_prompt, trailing_text
+from .talker_input import assistant_start, project_text, speaker_id, talker_prompt, trailing_text
 from .text import MEDIA_KEYS, thinker_steps
 
 IM_END = 151645
@@ -78,6 +79,8 @@ def make_plan(
     unknown = sorted(set(media) - set(MEDIA_KEYS))
     if unknown:
         raise InputError(f"generate: unknown argument(s) {unknown}")
+    if model.thinker is None:
+        raise InputError(f"generate: needs the thinker, but this model holds only {list(model.components)}")
     if return_audio is None:
         return_audio = model.has_talker
     if return_audio and not model.has_talker:
@@ -85,20 +88,20 @@ def make_plan(
             "return_audio=True: this model has no talker/code2wav (a thinker-only checkpoint such as "
             "Thinking or Captioner, or loaded with components={'thinker'}); pass return_audio=False"
         )
+    expect_int(max_new_tokens, "max_new_tokens", least=1)
     text = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     speech, spk = None, None
     if return_audio:
         spk = speaker_id(model.config, speaker)
-        if talker_max_new_tokens < 1:
-            raise InputError(f"talker_max_new_tokens: must be >= 1, got {talker_max_new_tokens!r}")
+        expect_int(talker_max_new_tokens, "talker_max_new_tokens", least=1)
         speech = SpeechSettings(
             sampling=SamplingConfig(
                 talker_do_sample, talker_temperature, talker_top_k, talker_top_p, talker_min_p,
-                talker_repetition_penalty,
+                talker_repetition_penalty, prefix="talker_",
             ),
             predictor=predictor_sampling(
                 talker_do_sample if predictor_do_sample is None else predictor_do_sample,
-                predictor_top_k, predictor_top_p, predictor_temperature,
+                predictor_top_k, predictor_top_p, predictor_temperature, prefix="predictor_",
             ),
             max_new_tokens=talker_max_new_tokens,
             generator=generator,
@@ -116,7 +119,10 @@ def _first_hits(tokens_BN: torch.Tensor, eos: list[int]) -> torch.Tensor:
 
 
 def generate(model, input_ids, attention_mask=None, return_audio=None, **kwargs) -> GenerationOutput:
+    check_token_ids(input_ids)
     plan, return_audio = make_plan(model, return_audio, **kwargs)
+    if return_audio:
+        assistant_start(model.config, input_ids)  # fail before the thinker runs, not after
     thinker = model.thinker
     keep = (model.config.talker.accept_hidden_layer,) if return_audio else ()
     tokens, accept_hidden = [], None
@@ -165,9 +171,15 @@ def decode_row(model, codes_GF: torch.Tensor) -> torch.Tensor:
 
 def stream(model, input_ids, attention_mask=None, return_audio=None, **kwargs) -> Iterator[StreamEvent]:
     """Yield text and audio events as soon as they are ready (batch size 1)."""
+    check_token_ids(input_ids)
     if input_ids.shape[0] != 1:
-        raise InputError(f"stream: input_ids must hold one conversation (batch size 1), got {input_ids.shape[0]}")
+        raise InputError(
+            f"input_ids: stream takes one conversation (batch size 1), got {describe(input_ids)}; use generate for "
+            "batches"
+        )
     plan, return_audio = make_plan(model, return_audio, **kwargs)
+    if return_audio:
+        assistant_start(model.config, input_ids)
     keep = (model.config.talker.accept_hidden_layer,) if return_audio else ()
     steps = thinker_steps(
         model.thinker, input_ids, attention_mask, plan.max_new_tokens, plan.text, plan.eos,

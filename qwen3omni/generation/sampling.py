@@ -8,7 +8,9 @@ Everything stays on the device: no `.item()`, no host sync.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import InitVar, dataclass
 
 import torch
 
@@ -23,16 +25,28 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 = off
     min_p: float = 0.0  # 0.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
+    # How the knobs are named in the caller's signature ("talker_", "predictor_"), for error messages only.
+    prefix: InitVar[str] = ""
 
-    def __post_init__(self):
-        check_sampling(self, prefix="")
+    def __post_init__(self, prefix: str = ""):
+        check_sampling(self, prefix)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_sampling(s: SamplingConfig, prefix: str = "") -> None:
-    """Reject knob values that would crash or silently misbehave inside torch."""
+    """Reject knob values that would crash or silently misbehave inside torch; messages name the argument
+    as the caller spelled it (`prefix` + knob)."""
+    if s.do_sample not in (True, False):
+        raise InputError(f"{prefix}do_sample: expected True or False, got {s.do_sample!r}")
+    for knob in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        if not _is_number(getattr(s, knob)):
+            raise InputError(f"{prefix}{knob}: expected a finite number, got {getattr(s, knob)!r}")
     if s.do_sample and not s.temperature > 0:
         raise InputError(f"{prefix}temperature: must be > 0 when sampling, got {s.temperature!r}")
-    if not isinstance(s.top_k, int) or s.top_k < 0:
+    if not isinstance(s.top_k, numbers.Integral) or isinstance(s.top_k, bool) or s.top_k < 0:
         raise InputError(f"{prefix}top_k: must be an int >= 0 (0 disables it), got {s.top_k!r}")
     if not 0 < s.top_p <= 1:
         raise InputError(f"{prefix}top_p: must be in (0, 1], got {s.top_p!r}")

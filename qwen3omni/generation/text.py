@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, expect_int
 from .sampling import SamplingConfig, next_token
 
 GREEDY = SamplingConfig()
@@ -58,8 +58,10 @@ def thinker_steps(
     Rows stop independently: once a row has produced an EOS it continues with `pad_token_id` (default: the
     first EOS id, as transformers does) until every row is done or `max_new_tokens` is reached.
     """
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens: must be >= 1, got {max_new_tokens!r}")
+    from ..model.thinker import check_token_ids
+
+    expect_int(max_new_tokens, "max_new_tokens", least=1)
+    check_token_ids(input_ids)
     unknown = sorted(set(media) - set(MEDIA_KEYS))
     if unknown:
         raise InputError(f"generate: unknown input(s) {unknown}; expected the processor's keys {list(MEDIA_KEYS)}")

@@ -39,9 +39,11 @@ def predictor_sampling(
     top_k: int = PREDICTOR_TOP_K,
     top_p: float = PREDICTOR_TOP_P,
     temperature: float = PREDICTOR_TEMPERATURE,
+    prefix: str = "",
 ) -> SamplingConfig:
-    """The code predictor's sampling knobs; `do_sample` mirrors the talker's (as the reference does)."""
-    return SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    """The code predictor's sampling knobs; `do_sample` mirrors the talker's (as the reference does).
+    `prefix` is how the caller names them in error messages (generate: "predictor_")."""
+    return SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, prefix=prefix)
 
 
 def _dense_layers(cfg: CodePredictorConfig) -> list[DecoderLayer]:

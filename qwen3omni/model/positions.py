@@ -176,12 +176,18 @@ def _find(ids: list[int], token: int, start: int) -> int | None:
         return None
 
 
-def _row_items(ids: torch.Tensor, layout: MediaLayout, use_audio_in_video: bool) -> tuple[int, int, int]:
-    """How many images, videos and audios (including a video's own audio track) the row holds."""
+def _row_items(ids: torch.Tensor, layout: MediaLayout) -> tuple[int, int, int, int]:
+    """How many images, videos (plain or with their audio track), audios (standalone or a video's track) and
+    videos with their audio track the row holds.
+
+    Read from the tokens rather than from `use_audio_in_video`: a batch may mix videos with and without an
+    audio track (the processor interleaves only the videos that have one), and each must get its own layout.
+    """
     after_vision = ids[1:][ids[:-1] == layout.vision_start_token_id]
     images = int((after_vision == layout.image_token_id).sum())
-    video_marker = layout.audio_start_token_id if use_audio_in_video else layout.video_token_id
-    return images, int((after_vision == video_marker).sum()), int((ids == layout.audio_start_token_id).sum())
+    plain = int((after_vision == layout.video_token_id).sum())
+    with_track = int((after_vision == layout.audio_start_token_id).sum())
+    return images, plain + with_track, int((ids == layout.audio_start_token_id).sum()), with_track
 
 
 def item_positions(kind: str, start: torch.Tensor, media: _Media, layout: MediaLayout):
@@ -201,10 +207,13 @@ def item_positions(kind: str, start: torch.Tensor, media: _Media, layout: MediaL
 
 
 def row_positions(ids: list[int], layout: MediaLayout, media: _Media, use_audio_in_video: bool) -> torch.Tensor:
-    """Ids [3, len(ids)] for one unpadded prompt row: text runs and media items in reading order."""
+    """Ids [3, len(ids)] for one unpadded prompt row: text runs and media items in reading order.
+
+    Whether a video is interleaved with its audio track is read from its tokens (`<|vision_start|>` then
+    `<|audio_start|>`); `use_audio_in_video` is kept for the reference's signature."""
     ids_t = torch.tensor(ids, dtype=torch.long)
-    images, videos, audios = _row_items(ids_t, layout, use_audio_in_video)
-    n_items = images + audios + (0 if use_audio_in_video else videos)
+    images, videos, audios, with_track = _row_items(ids_t, layout)
+    n_items = images + videos + audios - with_track  # a video with its track is one item
     has_vision = layout.image_token_id in ids or layout.video_token_id in ids
     has_audio = layout.audio_token_id in ids
     pieces: list[torch.Tensor] = []

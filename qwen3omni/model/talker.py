@@ -89,6 +89,15 @@ class Talker(nn.Module):
         C = self.config.text.hidden_size
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != C:
             raise InputError(f"inputs_embeds: expected shape [batch, time, {C}], got {describe(inputs_embeds)}")
+        shape = tuple(inputs_embeds.shape[:2])
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                           or tuple(attention_mask.shape) != shape):
+            raise InputError(f"attention_mask: expected shape {list(shape)}, got {describe(attention_mask)}")
+        if position_ids is not None and (
+            not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 3
+            or position_ids.shape[0] not in (3, 4) or tuple(position_ids.shape[1:]) != shape
+        ):
+            raise InputError(f"position_ids: expected shape {[3, *shape]} (or [4, ...]), got {describe(position_ids)}")
         if position_ids is None:
             if cache is not None and cache.length > 0:
                 raise InputError("Talker.forward: position_ids are required to continue from a non-empty cache")

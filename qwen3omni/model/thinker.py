@@ -115,7 +115,10 @@ class Thinker(nn.Module):
             if pixels is None:
                 continue
             if grid is None:
-                raise InputError(f"{ids_name} pixels were given without {ids_name}_grid_thw")
+                pixels_name = "pixel_values" if ids_name == "image" else "pixel_values_videos"
+                raise InputError(
+                    f"{ids_name}_grid_thw: required with {pixels_name} (one (t, h, w) row per {ids_name}), got None"
+                )
             merged, deepstack = self.visual(pixels, grid)
             mask = input_ids == token
             embeds = _scatter(embeds, mask, merged, ids_name)
@@ -184,6 +187,17 @@ class Thinker(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("Thinker.forward: pass exactly one of input_ids and inputs_embeds")
+        for grid_name, grid, pixels_name, pixels in (
+            ("image_grid_thw", image_grid_thw, "pixel_values", pixel_values),
+            ("video_grid_thw", video_grid_thw, "pixel_values_videos", pixel_values_videos),
+        ):
+            if grid is not None and pixels is None and input_ids is not None:
+                raise InputError(f"{pixels_name}: required with {grid_name} (the grids describe its patches), got None")
+        self._check_inputs(
+            input_ids, inputs_embeds, attention_mask, position_ids, labels, cache,
+            {"audio": input_features, "image": pixel_values, "video": pixel_values_videos},
+        )
+        self._check_video_seconds(video_grid_thw, video_second_per_grid)
         deepstack_hook = None
         if inputs_embeds is None:
             mm = self.embed(
@@ -219,6 +233,71 @@ class Thinker(nn.Module):
             thinker_losses(self.config.text, result, labels, attention_mask)
         return result
 
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, labels, cache, media) -> None:
+        """Shapes, dtypes, length and (for a prompt) token values, checked before anything runs, so that a bad
+        call raises an InputError and leaves a passed `cache` as it was. A decode step (continuing a non-empty
+        cache) gets only the checks that read no tensor values: it stays free of host syncs."""
+        cfg = self.config.text
+        if input_ids is not None:
+            check_token_ids(input_ids)
+            shape = tuple(input_ids.shape)
+        else:
+            if (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3
+                    or inputs_embeds.shape[-1] != cfg.hidden_size or not inputs_embeds.is_floating_point()):
+                raise InputError(
+                    f"inputs_embeds: expected a float tensor [batch, time, {cfg.hidden_size}], "
+                    f"got {describe(inputs_embeds)}"
+                )
+            shape = tuple(inputs_embeds.shape[:2])
+        if 0 in shape:
+            raise InputError(f"input_ids: expected at least one row of at least one token, got shape {list(shape)}")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+                raise InputError(f"{name}: expected shape {list(shape)} (that of input_ids), got {describe(t)}")
+        if position_ids is not None and (
+            not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != (3, *shape)
+        ):
+            raise InputError(
+                f"position_ids: expected TM-RoPE ids of shape {[3, *shape]} (temporal, height, width), "
+                f"got {describe(position_ids)}"
+            )
+        past = cache.length if cache is not None else 0
+        if past + shape[1] > cfg.max_position_embeddings:
+            raise InputError(
+                f"input_ids: {shape[1]} tokens" + (f" after {past} cached ones" if past else "")
+                + f" exceed the model's max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        if input_ids is not None and past == 0:
+            self._check_token_values(input_ids, media)
+
+    @staticmethod
+    def _check_video_seconds(video_grid_thw, video_second_per_grid) -> None:
+        if video_grid_thw is None or video_second_per_grid is None:
+            return
+        n_videos, n_seconds = len(video_grid_thw), torch.as_tensor(video_second_per_grid).reshape(-1).shape[0]
+        if n_videos != n_seconds:
+            raise InputError(
+                f"video_second_per_grid: expected one value per video ({n_videos}), "
+                f"got {describe(video_second_per_grid)}"
+            )
+
+    def _check_token_values(self, input_ids: torch.Tensor, media: dict) -> None:
+        """Token ids inside the vocabulary, and no media placeholders without their media (a prompt only)."""
+        cfg = self.config
+        tokens = {"audio": cfg.audio_token_id, "image": cfg.image_token_id, "video": cfg.video_token_id}
+        stats = [input_ids.min(), input_ids.max()] + [(input_ids == tokens[k]).sum() for k in tokens]
+        low, high, *counts = torch.stack(stats).tolist()  # one host sync for all of them
+        if low < 0 or high >= cfg.text.vocab_size:
+            bad = low if low < 0 else high
+            raise InputError(f"input_ids: token ids must lie in [0, {cfg.text.vocab_size}), got {bad}")
+        inputs = {"audio": "input_features", "image": "pixel_values", "video": "pixel_values_videos"}
+        for (kind, n), name in zip(zip(tokens, counts), inputs.values()):
+            if n and media[kind] is None:
+                raise InputError(
+                    f"{name}: the prompt has {n} {kind} placeholder tokens but {name} is None; pass the "
+                    f"processor's whole output (model.thinker(**batch))"
+                )
+
     @torch.no_grad()
     def generate(
         self,
@@ -248,6 +327,17 @@ class Thinker(nn.Module):
             self, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, generator,
             **media,
         )
+
+
+def check_token_ids(input_ids, name: str = "input_ids") -> None:
+    """`input_ids` must be an integer tensor [batch, time]: what the processor returns."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputError(f"{name}: expected a LongTensor [batch, time], got {describe(input_ids)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"{name}: expected integer token ids (torch.long), got {describe(input_ids)}")
+    if input_ids.dim() != 2:
+        hint = " (add a batch dimension: input_ids[None])" if input_ids.dim() == 1 else ""
+        raise InputError(f"{name}: expected shape [batch, time]{hint}, got {describe(input_ids)}")
 
 
 def _feature_lengths(input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None) -> torch.Tensor:

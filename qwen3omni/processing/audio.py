@@ -89,7 +89,12 @@ def _read_file(path, name):
 def _as_float_samples(samples, name) -> torch.Tensor:
     """Samples as a float tensor; integer PCM scaled to [-1, 1)."""
     if isinstance(samples, (list, tuple)):
-        samples = np.asarray(samples)
+        try:
+            samples = np.asarray(samples)
+        except ValueError:  # ragged nested lists
+            raise InputError(
+                f"{name}: expected a flat list of samples or equal-length channels, got a ragged list"
+            ) from None
     if isinstance(samples, np.ndarray):
         if samples.dtype.kind not in "fiub":
             raise InputError(f"{name}: expected numeric samples, got an array of dtype {samples.dtype}")

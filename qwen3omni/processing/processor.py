@@ -137,20 +137,22 @@ class Processor:
         one per video) is the frame rate the model sees. With `use_audio_in_video`, each video's track comes
         from `video_audio` (one entry per video, None for none) or else is decoded from the file.
         """
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else []
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError(f"text: expected a string or a non-empty list of strings, got {describe(text)}")
         rate = self.settings.mel.sampling_rate
-        waves = [load_audio(a, target_rate=rate, name=f"audio[{i}]") for i, a in enumerate(audio or [])]
-        videos = list(videos or [])
+        waves = [load_audio(a, target_rate=rate, name=f"audio[{i}]") for i, a in enumerate(_media_list(audio, "audio"))]
+        images = _media_list(images, "images")
+        videos = _media_list(videos, "videos")
         fps_list = list(fps) if isinstance(fps, (list, tuple)) else [fps] * len(videos)
         if len(fps_list) != len(videos):
             raise InputError(f"fps: expected one value or one per video ({len(videos)}), got {len(fps_list)}")
-        return self._process(texts, list(images or []), videos, waves, use_audio_in_video, fps_list,
+        return self._process(texts, images, videos, waves, use_audio_in_video, fps_list,
                              video_audio=video_audio, device=device)
 
     def _process(self, texts, images, videos, waves, use_audio_in_video, video_fps, video_audio=None,
                  device=None, names=None) -> dict:
+        device = _as_device(device)
         names = names or {}
         tokens = self.settings.tokens
         check_media_counts(texts, tokens, {"image": len(images), "video": len(videos), "audio": len(waves)})
@@ -158,7 +160,7 @@ class Processor:
         if images:
             replacements["image"] = self._add_images(out, images, names.get("image"))
         video_names = names.get("video") or [f"videos[{i}]" for i in range(len(videos))]
-        tracks = list(video_audio) if video_audio is not None else [None] * len(videos)
+        tracks = _media_list(video_audio, "video_audio") if video_audio is not None else [None] * len(videos)
         if len(tracks) != len(videos):
             raise InputError(f"video_audio: expected one entry per video ({len(videos)}), got {len(tracks)}")
         clips = [self._load_video(v, video_fps[i], video_names[i], use_audio_in_video, tracks[i], device)
@@ -266,6 +268,25 @@ class Processor:
         return self.tokenizer.batch_decode(_as_list(sequences), skip_special_tokens=skip_special_tokens, **kwargs)
 
 
+def _as_device(device) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device: expected a device such as 'cpu' or 'cuda:0', got {describe(device)}") from None
+
+
+def _media_list(items, name: str) -> list:
+    """`items` (a list or tuple, or None for none) as a list; anything else is refused rather than iterated,
+    since iterating an array would silently split one medium into many."""
+    if items is None:
+        return []
+    if not isinstance(items, (list, tuple)):
+        raise InputError(f"{name}: expected a list with one entry per placeholder, in order, got {describe(items)}")
+    return list(items)
+
+
 def _as_list(ids):
     return ids.tolist() if isinstance(ids, torch.Tensor) else ids
 
@@ -295,7 +316,9 @@ def _load_tokenizer(folder: Path):
         raise MissingFileError(f"Processor.from_pretrained: {str(folder)!r} has no tokenizer files "
                                f"(tokenizer.json or vocab.json + merges.txt, with tokenizer_config.json)")
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        # A local folder only, and never code from it: a tokenizer_config.json naming a class in the folder's own
+        # .py files (auto_map) falls back to the library's tokenizer instead of importing that file.
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"Processor.from_pretrained: cannot load the tokenizer in {str(folder)!r}: {e}") from None
 
