@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..config import Qwen3OmniConfig
-from ..errors import InputError
+from ..errors import InputError, describe
 from .thinker import Thinker
 
 COMPONENTS = ("thinker", "talker", "code2wav")
@@ -23,6 +23,11 @@ def resolve_components(config: Qwen3OmniConfig, components: Iterable[str] | str 
         return available
     if isinstance(components, str):
         components = [components]
+    if not isinstance(components, Iterable) or not all(isinstance(c, str) for c in components):
+        raise InputError(
+            f"components: expected None, a part name or a set of them from {list(COMPONENTS)}, "
+            f"got {describe(components)}"
+        )
     chosen = set(components)
     unknown = sorted(chosen - set(COMPONENTS))
     if unknown:
@@ -41,6 +46,11 @@ class Qwen3Omni(nn.Module):
 
     def __init__(self, config: Qwen3OmniConfig, components: Iterable[str] | str | None = None):
         super().__init__()
+        if not isinstance(config, Qwen3OmniConfig):
+            raise InputError(
+                "config: expected a Qwen3OmniConfig (e.g. Qwen3OmniConfig.from_pretrained(path)), "
+                f"got {describe(config)}"
+            )
         self.config = config
         self.components = resolve_components(config, components)
         self.thinker = Thinker(config.thinker) if "thinker" in self.components else None
@@ -103,6 +113,7 @@ class Qwen3Omni(nn.Module):
         """
         from .placement import resolve_devices
 
+        dtype = _as_dtype(dtype)
         config = Qwen3OmniConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config, components)
@@ -128,6 +139,18 @@ class Qwen3Omni(nn.Module):
         out = config.to_dict()
         out["dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
         ckpt.save_checkpoint(ckpt.export_state_dict(self), out_dir, out, max_shard_size)
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name ("bfloat16", "torch.float32"); None stays None."""
+    if dtype is None:
+        return None
+    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise InputError(
+            f"dtype: expected a floating-point torch.dtype or its name (torch.bfloat16, 'bfloat16'), got {dtype!r}"
+        )
+    return value
 
 
 def _config_dtype(config: Qwen3OmniConfig) -> torch.dtype:
