@@ -92,7 +92,10 @@ class DecoderStack(nn.Module):
             key_valid = cache.valid_keys(T)
         else:
             key_valid = attention_mask.bool() if attention_mask is not None else None
-        mask = decoder_mask(key_valid, T, start, window)
+        if cache is not None and cache.static:
+            mask = cache.static_mask(T, window)  # keys past the device-side offset are masked, not sliced off
+        else:
+            mask = decoder_mask(key_valid, T, start, window)
         rope = self.rotary(position_ids, dtype=x.dtype)
         hidden, routers = [x] if output_hidden_states else None, [] if output_router_logits else None
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,153 @@
+"""MoE dispatch: every strategy of `Experts` equals the obviously-correct `moe_reference` loop.
+
+Routings are random, include experts that receive no token (and, in the skewed cases, experts that receive
+almost all of them), batches of one token (decoding) and many (prefill), renormalised and raw top-k weights,
+and a gradient check for the strategies training uses. Relative tolerance 1e-5: the strategies differ from
+the reference only in summation order (~1e-7 in fp32); a wrong expert, weight or token order moves the output
+by O(1) (checked below so the comparison cannot pass vacuously).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3omni.modules.moe import Experts, MoeBlock, Routing, grouped_mm_usable, moe_reference
+
+TOL = 1e-5
+STRATEGIES = ["pairs", "sorted", "gathered"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
+
+
+def experts(E=8, H=32, inner=16, seed=0, dtype=torch.float32) -> Experts:
+    g = torch.Generator().manual_seed(seed)
+    ex = Experts(E, H, inner)
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(torch.randn(ex.gate_up_proj.shape, generator=g) / H**0.5)
+        ex.down_proj.copy_(torch.randn(ex.down_proj.shape, generator=g) / inner**0.5)
+    return ex.to(dtype)
+
+
+def routing(N, E, k, seed=0, skew=False, normalize=True, dtype=torch.float32) -> Routing:
+    """Random top-k choices; `skew` sends every pair to the first k + 1 experts and leaves the others idle."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(N, E, generator=g)
+    if skew:
+        scores[:, : k + 1] += 10.0
+    choices = torch.topk(scores, k, dim=-1).indices
+    weights = torch.rand(N, k, generator=g) + 0.1
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return Routing(torch.zeros(N, E), weights.to(dtype), choices)
+
+
+def rel_err(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+CASES = [  # (tokens, experts, top_k, skew): one token (decode), few, many, skewed with idle experts
+    (1, 8, 2, False), (3, 8, 2, False), (5, 16, 4, False), (64, 8, 2, False), (64, 16, 4, True), (7, 128, 8, True),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}-E{c[1]}-k{c[2]}{'-skew' if c[3] else ''}")
+def test_strategy_matches_reference(strategy, case):
+    N, E, k, skew = case
+    ex = experts(E=E, seed=N)
+    ex.dispatch = strategy
+    r = routing(N, E, k, seed=N + 1, skew=skew, normalize=not skew)
+    x = torch.randn(N, 32, generator=torch.Generator().manual_seed(N + 2))
+    with torch.no_grad():
+        want = moe_reference(ex, x, r)
+        got = ex(x, r)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < TOL
+    if skew:
+        assert (torch.bincount(r.experts.flatten(), minlength=E) == 0).any()  # the case has idle experts
+
+
+def test_a_wrong_routing_is_detected():
+    """The comparison has teeth: a shuffled expert choice or dropped weight moves the output by O(1)."""
+    ex = experts()
+    r = routing(6, 8, 2)
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = moe_reference(ex, x, r)
+        wrong_expert = ex(x, Routing(r.logits, r.weights, (r.experts + 1) % 8))
+        wrong_weight = ex(x, Routing(r.logits, r.weights.flip(-1), r.experts))
+    assert rel_err(wrong_expert, want) > 1e-2
+    assert rel_err(wrong_weight, want) > 1e-2
+
+
+def test_auto_picks_pairs_for_decode_and_sorted_for_prefill_on_cpu():
+    ex = experts()
+    one, many = torch.randn(1, 32), torch.randn(32, 32)
+    assert ex.strategy(one, routing(1, 8, 2)) == "pairs"
+    assert ex.strategy(many, routing(32, 8, 2)) == "sorted"
+    assert not grouped_mm_usable(one, ex.gate_up_proj)  # CPU: never the (slow) CPU _grouped_mm by default
+
+
+@pytest.mark.parametrize("strategy", ["pairs", "sorted", "gathered"])
+def test_gradients_match_reference(strategy):
+    """Training runs through the same strategies: gradients of input, expert weights and routing weights."""
+    ex = experts(seed=5)
+    ex.dispatch = strategy
+    r = routing(6, 8, 2, seed=6)
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(7))
+
+    def grads(fn):
+        ex.zero_grad()
+        xi, w = x.clone().requires_grad_(), r.weights.clone().requires_grad_()
+        fn(xi, Routing(r.logits, w, r.experts)).square().sum().backward()
+        return xi.grad, w.grad, ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone()
+
+    want = grads(lambda xi, rr: moe_reference(ex, xi, rr))
+    got = grads(lambda xi, rr: ex(xi, rr))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < TOL
+
+
+@pytest.mark.parametrize("strategy", ["pairs", "sorted"])
+def test_bf16_close_to_fp32(strategy):
+    """bf16 weights and activations: within bf16 rounding of the fp32 result, no overflow or NaN."""
+    ex32 = experts(E=16, H=64, inner=32, seed=8)
+    ex16 = experts(E=16, H=64, inner=32, seed=8, dtype=torch.bfloat16)
+    ex16.dispatch = strategy
+    r = routing(9, 16, 4, seed=9)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        want = moe_reference(ex32, x, r)
+        got = ex16(x.bfloat16(), Routing(r.logits, r.weights.bfloat16(), r.experts))
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert rel_err(got.float(), want) < 3e-2
+
+
+def test_block_with_shared_expert_uses_dispatch():
+    """MoeBlock output = routed experts + sigmoid-gated shared expert, identical for every strategy."""
+    torch.manual_seed(11)
+    block = MoeBlock(32, 8, 2, 16, normalize=True, shared_hidden=24)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want, _ = block(x, reference=True)
+        for strategy in STRATEGIES:
+            block.experts.dispatch = strategy
+            got, logits = block(x)
+            assert rel_err(got, want) < TOL, strategy
+            assert logits.shape == (10, 8)
+
+
+@pytest.mark.parametrize("strategy", ["pairs", "sorted", "gathered"])
+def test_autocast_keeps_the_input_dtype(strategy):
+    """Training under bf16 autocast: fp32 activations in, fp32 out (as the reference returns), close to fp32."""
+    ex = experts(E=16, H=64, inner=32, seed=12)
+    ex.dispatch = strategy
+    r = routing(9, 16, 4, seed=13)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        want = moe_reference(ex, x, r)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ex(x, r)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < 3e-2

@@ -1,0 +1,47 @@
+"""The benchmark and GPU-check scripts run end to end on CPU (no timing is asserted, only that every section
+runs and that both sides of the benchmark computed the same thing)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def scripts_path():
+    sys.path.insert(0, str(SCRIPTS))
+    yield
+    sys.path.remove(str(SCRIPTS))
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_gpu_check_dry_run_runs_every_section(scripts_path, capsys):
+    import gpu_check
+
+    gpu_check.main(["--dry-run", "--speech-frames", "12"])
+    lines = json_lines(capsys.readouterr().out)
+    sections = {line["section"] for line in lines}
+    assert {"build", "thinker decode", "prefill", "first audio", "speech", "reference", "summary"} <= sections
+    failed = [line for line in lines if "failed" in line or "skipped" in line]
+    assert not failed, failed
+    decode = [line for line in lines if line["section"] == "thinker decode" and "first_tokens_equal_to_eager" in line]
+    assert decode and decode[0]["first_tokens_equal_to_eager"] == decode[0]["tokens"] + 1  # same greedy tokens
+    ref = [line for line in lines if "first_tokens_equal_to_reference" in line]
+    assert ref and ref[0]["first_tokens_equal_to_reference"] >= 1
+
+
+def test_bench_quick_speech_frame_matches_reference(scripts_path, capsys):
+    import bench
+
+    bench.main(["--quick", "-w", "D", "--repeats", "1", "--warmup", "0"])
+    (line,) = json_lines(capsys.readouterr().out)
+    assert line["same_codes"] is True
+    assert line["ours"]["n"] == 1 and line["reference"]["n"] == 1 and line["ratio"] > 0
