@@ -47,6 +47,7 @@ class Plan:
     eos: list[int]
     speaker: int | None
     generator: torch.Generator | None
+    cuda_graphs: bool | None
     media: dict
 
 
@@ -74,6 +75,7 @@ def make_plan(
     predictor_top_k: int = 50,
     predictor_top_p: float = 0.8,
     generator: torch.Generator | None = None,
+    cuda_graphs: bool | None = None,
     **media,
 ) -> tuple[Plan, bool]:
     unknown = sorted(set(media) - set(MEDIA_KEYS))
@@ -105,9 +107,10 @@ def make_plan(
             ),
             max_new_tokens=talker_max_new_tokens,
             generator=generator,
+            cuda_graphs=cuda_graphs,
         )
     eos = [IM_END] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-    return Plan(text, speech, max_new_tokens, list(eos), spk, generator, media), return_audio
+    return Plan(text, speech, max_new_tokens, list(eos), spk, generator, cuda_graphs, media), return_audio
 
 
 def _first_hits(tokens_BN: torch.Tensor, eos: list[int]) -> torch.Tensor:
@@ -128,7 +131,7 @@ def generate(model, input_ids, attention_mask=None, return_audio=None, **kwargs)
     tokens, accept_hidden = [], None
     steps = thinker_steps(
         thinker, input_ids, attention_mask, plan.max_new_tokens, plan.text, plan.eos,
-        generator=plan.generator, keep_hidden=keep, **plan.media,
+        generator=plan.generator, keep_hidden=keep, cuda_graphs=plan.cuda_graphs, **plan.media,
     )
     for token, kept in steps:
         tokens.append(token)
@@ -183,7 +186,7 @@ def stream(model, input_ids, attention_mask=None, return_audio=None, **kwargs) -
     keep = (model.config.talker.accept_hidden_layer,) if return_audio else ()
     steps = thinker_steps(
         model.thinker, input_ids, attention_mask, plan.max_new_tokens, plan.text, plan.eos,
-        generator=plan.generator, keep_hidden=keep, **plan.media,
+        generator=plan.generator, keep_hidden=keep, cuda_graphs=plan.cuda_graphs, **plan.media,
     )
     first, kept = next(steps)
     yield StreamEvent("text", first.cpu())
@@ -220,14 +223,14 @@ def _stream_speech(model, plan: Plan, input_ids, attention_mask, first, accept_h
     decoder = model.code2wav.streaming_decoder()
     device = next(model.code2wav.parameters()).device
     for codes, _ in talker_frames(model, prompt, text_for_step, plan.speech, plan.media):
+        samples = decoder.push(codes[:, :, None].to(device))  # audio first: it is what a listener waits for
+        if samples.numel():
+            yield StreamEvent("audio", samples.reshape(-1).float().cpu())
         if not finished[0]:
             pull_token()  # keep the text ahead of the speech: one more answer token per frame
         for token in pending_text:
             yield StreamEvent("text", token.cpu())
         pending_text.clear()
-        samples = decoder.push(codes[:, :, None].to(device))
-        if samples.numel():
-            yield StreamEvent("audio", samples.reshape(-1).float().cpu())
     for token in pending_text:
         yield StreamEvent("text", token.cpu())
     tail = decoder.flush()

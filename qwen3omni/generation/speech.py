@@ -10,6 +10,7 @@ import torch
 
 from ..model import positions
 from ..model.talker import decode_positions, prefill_positions, rope_deltas
+from .graphs import StaticDecoder, graphs_wanted, predictor_runner
 from .sampling import SamplingConfig, next_token
 from .talker_input import TalkerPrompt
 
@@ -20,6 +21,7 @@ class SpeechSettings:
     predictor: SamplingConfig  # the code predictor's (codes 1..15)
     max_new_tokens: int = 4096
     generator: torch.Generator | None = None
+    cuda_graphs: bool | None = None  # None: on CUDA
 
 
 def suppressed_ids(config, device) -> torch.Tensor:
@@ -73,20 +75,50 @@ def talker_frames(
     pos = talker_positions(model, prompt, media).to(device)
     deltas = rope_deltas(pos, prompt.attention_mask)
     cache = talker.model.new_cache(B, prompt.inputs_embeds.shape[1] + settings.max_new_tokens)
-    predictor_cache = talker.code_predictor.new_cache(B)
     out = talker(prompt.inputs_embeds, pos, prompt.attention_mask, cache, logits_to_keep=1)
+    logits, hidden = out.logits[:, -1], out.last_hidden_state[:, -1]
+    graphs = graphs_wanted(device, settings.cuda_graphs)
+    predict = _predictor(talker, B, hidden.dtype, device, graphs, settings)
+    decoder = None
     seen = torch.empty(B, 0, dtype=torch.long, device=device)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     for step in range(settings.max_new_tokens):
-        token = next_token(out.logits[:, -1], settings.sampling, seen, suppress, settings.generator)
+        token = next_token(logits, settings.sampling, seen, suppress, settings.generator)
         token = torch.where(unfinished, token, torch.full_like(token, eos))
         seen = torch.cat([seen, token[:, None]], dim=1)
         unfinished = unfinished & (token != eos)
         if step == settings.max_new_tokens - 1 or not bool(unfinished.any()):
             return
-        frame = talker.predict_residual(
-            out.last_hidden_state[:, -1], token, settings.predictor, settings.generator, predictor_cache
+        codes, embeds = predict(hidden, token)
+        yield torch.cat([token[:, None], codes], dim=1), unfinished
+        step_embed = (embeds.sum(dim=1) + text_for_step(step).to(embeds.dtype))[:, None]
+        positions = decode_positions(cache.length, deltas)
+        if decoder is None:
+            decoder = _talker_decoder(talker, cache, step_embed, positions, graphs)
+        logits, hidden = decoder(step_embed, positions)
+
+
+def _talker_decoder(talker, cache, embed, positions, graphs: bool):
+    """The talker's single-step forward -> (logits [B, V], last hidden state [B, C]); a CUDA graph on CUDA."""
+
+    def forward(x, pos):
+        out = talker(x, pos, cache=cache, logits_to_keep=1)
+        return out.logits[:, -1], out.last_hidden_state[:, -1]
+
+    return StaticDecoder(forward, cache, embed, positions) if graphs else forward
+
+
+def _predictor(talker, batch: int, dtype, device, graphs: bool, settings: SpeechSettings):
+    """(hidden [B, C], code 0 [B]) -> (codes 1..15 [B, 15], the frame's 16 codec embeddings [B, 16, C])."""
+    if graphs:
+        runner = predictor_runner(talker.code_predictor, batch, dtype, device)
+        return lambda hidden, token: runner.run(
+            hidden, talker.model.codec_embedding(token), settings.predictor, settings.generator
         )
-        yield torch.cat([token[:, None], frame.codes], dim=1), unfinished
-        step_embed = frame.next_talker_embed + text_for_step(step).to(frame.next_talker_embed.dtype)
-        out = talker(step_embed[:, None], decode_positions(cache.length, deltas), cache=cache, logits_to_keep=1)
+    cache = talker.code_predictor.new_cache(batch, dtype, device)
+
+    def predict(hidden, token):
+        frame = talker.predict_residual(hidden, token, settings.predictor, settings.generator, cache)
+        return frame.codes, frame.codec_embeds
+
+    return predict

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError, expect_int
+from .graphs import StaticDecoder, graphs_wanted
 from .sampling import SamplingConfig, next_token
 
 GREEDY = SamplingConfig()
@@ -48,6 +49,7 @@ def thinker_steps(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     keep_hidden: tuple[int, ...] = (),
+    cuda_graphs: bool | None = None,
     **media,
 ) -> Iterator[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
     """Yield (new token ids [B], kept hidden states) one step at a time.
@@ -57,6 +59,7 @@ def thinker_steps(
 
     Rows stop independently: once a row has produced an EOS it continues with `pad_token_id` (default: the
     first EOS id, as transformers does) until every row is done or `max_new_tokens` is reached.
+    On CUDA the single-token step is replayed from a CUDA graph (`cuda_graphs=False` turns that off).
     """
     from ..model.thinker import check_token_ids
 
@@ -83,8 +86,9 @@ def thinker_steps(
     seen = input_ids
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     last_pos = out.position_ids[..., -1:]
+    logits, decoder = out.logits[:, -1], None
     for step in range(max_new_tokens):
-        token = next_token(out.logits[:, -1], sampling, seen, generator=generator)
+        token = next_token(logits, sampling, seen, generator=generator)
         token = torch.where(unfinished, token, torch.full_like(token, pad))
         kept = {layer: out.hidden_states[layer] for layer in keep_hidden} if step == 0 else {}
         yield token, kept
@@ -96,7 +100,19 @@ def thinker_steps(
             return
         seen = torch.cat([seen, token[:, None]], dim=1)
         last_pos = last_pos + 1
-        out = thinker(input_ids=token[:, None], position_ids=last_pos, cache=cache)
+        if decoder is None:
+            decoder = _thinker_decoder(thinker, cache, token[:, None], last_pos, graphs_wanted(device, cuda_graphs))
+        (logits,) = decoder(token[:, None], last_pos)
+
+
+def _thinker_decoder(thinker, cache, token, positions, graphs: bool):
+    """The single-token step: eager, or (on CUDA) a replayed CUDA graph over a static cache."""
+    if not graphs:
+        return lambda tok, pos: (thinker(input_ids=tok, position_ids=pos, cache=cache).logits[:, -1],)
+    return StaticDecoder(
+        lambda tok, pos: (thinker(input_ids=tok, position_ids=pos, cache=cache, logits_to_keep=1).logits[:, -1],),
+        cache, token, positions,
+    )
 
 
 def generate_text(
@@ -110,13 +126,14 @@ def generate_text(
     generator: torch.Generator | None = None,
     keep_hidden: tuple[int, ...] = (),
     on_token: Callable[[torch.Tensor], None] | None = None,
+    cuda_graphs: bool | None = None,
     **media,
 ) -> TextGeneration:
     """Run `thinker_steps` to the end and collect the sequences (and kept hidden states)."""
     tokens, kept = [], {}
     for token, hidden in thinker_steps(
         thinker, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, generator,
-        keep_hidden, **media,
+        keep_hidden, cuda_graphs, **media,
     ):
         tokens.append(token)
         kept.update(hidden)

@@ -1,0 +1,138 @@
+"""CUDA graphs for the decode steps: the thinker's and the talker's single-token steps and the code predictor's
+15 steps per frame, each captured once and replayed.
+
+At batch 1 a decode step is hundreds of small kernels, and on a GPU launching them costs more than running
+them: replaying a captured graph removes that cost. A captured step reads and writes only tensors whose
+addresses never change (input buffers, a static KV cache, the outputs it returned at capture). Token choice
+(sampling) stays outside the graphs, so every sampling knob and `generator` work unchanged.
+
+On a CPU, or with `cuda_graphs=False`, the same step functions run eagerly: the code path is the one the CPU
+tests exercise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..modules.kv_cache import KVCache
+from .sampling import SamplingConfig, choose
+
+
+def graphs_wanted(device: torch.device, requested: bool | None) -> bool:
+    """Graphs on CUDA unless turned off (argument, or QWEN3OMNI_CUDA_GRAPHS=0). Where this says yes, the decode
+    loops use `StaticDecoder` and `PredictorRunner`, which capture on CUDA and run eagerly elsewhere."""
+    if requested is False or device.type != "cuda":
+        return False
+    return requested is True or os.environ.get("QWEN3OMNI_CUDA_GRAPHS", "1") != "0"
+
+
+class Captured:
+    """`step()` captured into a CUDA graph (after one warm-up run on a side stream), or run eagerly."""
+
+    def __init__(self, step, capture: bool, pool=None, before=None):
+        self.step, self.graph = step, None
+        if not capture:
+            return
+        before = before or (lambda: None)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            before()
+            step()  # warm-up: lazy initialisations (cuBLAS workspaces, autotuning) must not happen in capture
+        torch.cuda.current_stream().wait_stream(side)
+        before()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            step()
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
+
+
+class StaticDecoder:
+    """A decoder's single-token step over a static KV cache: `__call__(inputs, positions)` -> the step's outputs.
+
+    `forward(inputs, positions)` must run the model on the cache and return a tuple of tensors. The step is
+    captured on CUDA and run eagerly (same buffers, same static cache) elsewhere. The host-side bookkeeping of
+    the cache (its length) is done here: a replay advances only the device-side offset.
+    """
+
+    def __init__(self, forward, cache: KVCache, inputs: torch.Tensor, positions: torch.Tensor):
+        self.cache = cache
+        cache.set_static(True)
+        self.inputs, self.positions = inputs.clone(), positions.clone()
+        self.outputs: tuple[torch.Tensor, ...] = ()
+
+        def step():
+            self.outputs = forward(self.inputs, self.positions)
+
+        start = cache.length
+        rewind = lambda: setattr(cache, "length", start)  # noqa: E731 - warm-up and capture must not move it
+        self.step = Captured(step, inputs.is_cuda, before=rewind)
+        cache.length = start
+
+    def __call__(self, inputs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.inputs.copy_(inputs)
+        self.positions.copy_(positions)
+        self.step()
+        if self.step.graph is not None:
+            self.cache.advance(1, on_device=False)  # the replay advanced only the device-side offset
+        return self.outputs
+
+
+class PredictorRunner:
+    """The code predictor's 15 steps for one frame over persistent buffers, each step a captured graph.
+
+    Offsets are fixed per step (the prompt at 0-1, code s at s+1), so the cache needs no device-side offset.
+    Built once per (batch, dtype, device) and reused for every frame and every call.
+    """
+
+    def __init__(self, predictor, batch: int, dtype, device):
+        capture = torch.device(device).type == "cuda"
+        self.predictor = predictor
+        cfg = predictor.config
+        G, C = predictor.num_residual + 1, cfg.hidden_size
+        self.seq = torch.zeros(batch, G + 1, C, dtype=dtype, device=device)
+        self.cache = predictor.new_cache(batch, dtype, device)
+        self.positions = torch.arange(G, device=device).view(1, 1, G).expand(1, batch, G).contiguous()
+        self.logits: list[torch.Tensor | None] = [None] * predictor.num_residual
+        pool = torch.cuda.graph_pool_handle() if capture else None
+        self.steps = [Captured(self._step(s), capture, pool) for s in range(predictor.num_residual)]
+
+    def _step(self, s: int):
+        def step():
+            start, width = (0, 2) if s == 0 else (s + 1, 1)
+            self.cache.length = start
+            out = self.predictor.model(self.seq[:, start : start + width], self.positions[..., start : start + width],
+                                       cache=self.cache)
+            self.logits[s] = self.predictor.lm_head[s](out.last_hidden_state[:, -1])
+
+        return step
+
+    @torch.no_grad()
+    def run(self, hidden_BC, layer0_embed_BC, sampling: SamplingConfig, generator=None):
+        """Codes [B, 15] of one frame and the embeddings [B, 16, C] of its codes (see CodePredictor.predict)."""
+        p = self.predictor
+        self.seq[:, 0].copy_(hidden_BC)
+        self.seq[:, 1].copy_(layer0_embed_BC)
+        codes = torch.empty(self.seq.shape[0], p.num_residual, dtype=torch.long, device=self.seq.device)
+        for s, step in enumerate(self.steps):
+            step()
+            code = choose(self.logits[s], sampling, generator)
+            codes[:, s] = code
+            self.seq[:, s + 2] = p.model.codec_embedding[s](code)
+        return codes, self.seq[:, 1:].clone()
+
+
+def predictor_runner(predictor, batch: int, dtype, device) -> PredictorRunner:
+    """The runner for this batch/dtype/device, built on first use and kept on the module."""
+    key = (batch, dtype, str(device))
+    runners = predictor.__dict__.setdefault("_runners", {})
+    if key not in runners:
+        runners[key] = PredictorRunner(predictor, batch, dtype, device)
+    return runners[key]
