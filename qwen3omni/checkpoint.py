@@ -108,17 +108,37 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object")
         header.pop("__metadata__", None)
         self.data_start = 8 + n
         self.entries = header
         for name, entry in header.items():
+            self._check_entry(name, entry)
             end = self.data_start + entry["data_offsets"][1]
             if end > size:
                 raise CheckpointError(
                     f"{self.path}: truncated safetensors file: tensor {name!r} ends at byte {end}, file has {size}"
                 )
-            if entry["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+
+    def _check_entry(self, name: str, entry) -> None:
+        """A header entry names a known dtype, an integer shape and byte offsets that fit that shape."""
+        bad = f"{self.path}: tensor {name!r} has a malformed header entry {entry!r}"
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+            raise CheckpointError(bad if not isinstance(entry, dict) else
+                                  f"{self.path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and x >= 0 for x in xs)  # noqa: E731
+        if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[1] < offsets[0]:
+            raise CheckpointError(bad)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * _DTYPES[entry["dtype"]].itemsize:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} of shape {shape} ({entry['dtype']}) spans "
+                f"{offsets[1] - offsets[0]} bytes, expected {numel * _DTYPES[entry['dtype']].itemsize}"
+            )
 
     def shape(self, name: str) -> list[int]:
         return list(self.entries[name]["shape"])
@@ -321,11 +341,14 @@ def save_checkpoint(
     """Write `tensors` (released names) + `config.json` to `out_dir` atomically.
 
     Everything goes into a temporary sibling folder that replaces `out_dir` only once complete, so an
-    interrupted save leaves an existing checkpoint at `out_dir` as it was and no partial files behind.
+    interrupted save leaves an existing checkpoint at `out_dir` as it was and no partial files behind. Other
+    files of an existing `out_dir` (tokenizer, chat template, processor settings) are carried over.
     """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"out_dir: {str(out_dir)!r} exists and is not a folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -346,10 +369,20 @@ def save_checkpoint(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
+        _carry_other_files(out_dir, tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Copy the files of an existing checkpoint folder that the new save does not replace (weights excepted)."""
+    if not old.is_dir():
+        return
+    for f in old.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_FILE and not (new / f.name).exists():
+            shutil.copy2(f, new / f.name)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

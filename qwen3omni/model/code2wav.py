@@ -121,7 +121,7 @@ class Code2WavTransformer(nn.Module):
         # While every key is within the window the mask is plain causal, and SDPA takes its fast path.
         mask = None
         if past + T > self.window:
-            mask = decoder_mask(None, T, past, self.window).to(x_BTC.device)
+            mask = decoder_mask(None, T, past, self.window, x_BTC.device)
         for i, layer in enumerate(self.layers):
             x_BTC = layer(x_BTC, rope, mask, cache, i)
         if cache is not None:

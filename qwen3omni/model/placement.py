@@ -20,11 +20,16 @@ COMPONENTS = ("thinker", "talker", "code2wav")
 
 
 def _device(value, what: str) -> torch.device:
+    expected = "a device such as 'cpu', 'cuda' or 'cuda:1'"
     try:
-        return torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, TypeError):
-        expected = "a device such as 'cpu', 'cuda' or 'cuda:1'"
         raise InputError(f"{what}: expected {expected}, got {describe(value)}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise InputError(f"{what}: {describe(value)} is not available (torch.cuda.device_count() = {count})")
+    return device
 
 
 def resolve_devices(device, components: Iterable[str]) -> dict[str, torch.device]:

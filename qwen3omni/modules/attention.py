@@ -97,7 +97,7 @@ def attend_segments(
 
 
 def decoder_mask(
-    key_valid: torch.Tensor | None, q_len: int, start: int, window: int | None = None
+    key_valid: torch.Tensor | None, q_len: int, start: int, window: int | None = None, device=None
 ) -> torch.Tensor | None:
     """Boolean [B, 1, q_len, start + q_len] mask: causal, minus left padding, optionally a sliding window.
 
@@ -109,7 +109,7 @@ def decoder_mask(
     k_len = start + q_len
     if key_valid is None and window is None:
         return None
-    q_pos = torch.arange(start, k_len, device=key_valid.device if key_valid is not None else None)
+    q_pos = torch.arange(start, k_len, device=key_valid.device if key_valid is not None else device)
     k_pos = torch.arange(k_len, device=q_pos.device)
     allowed = k_pos[None, :] <= q_pos[:, None]
     if window is not None:

@@ -95,7 +95,7 @@ class DecoderStack(nn.Module):
         if cache is not None and cache.static:
             mask = cache.static_mask(T, window)  # keys past the device-side offset are masked, not sliced off
         else:
-            mask = decoder_mask(key_valid, T, start, window)
+            mask = decoder_mask(key_valid, T, start, window, x.device)
         rope = self.rotary(position_ids, dtype=x.dtype)
         hidden, routers = [x] if output_hidden_states else None, [] if output_router_logits else None
         for i, layer in enumerate(self.layers):
