@@ -9,6 +9,8 @@ path carries signal (see ../shared/DESIGN.md, "How we know it is right"), saves 
 from __future__ import annotations
 
 import copy
+import functools
+import gzip
 import json
 import math
 import re
@@ -19,6 +21,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.json"
+# The released tensor list (../shared/reference/...weights.tsv), gzipped into the repo so CI has it.
+RELEASED_WEIGHTS = ROOT / "tests" / "data" / "qwen3-omni-30b-a3b-instruct.weights.tsv.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def _released_weights() -> tuple[tuple[str, tuple[int, ...]], ...]:
+    rows = (line.split("\t") for line in gzip.decompress(RELEASED_WEIGHTS.read_bytes()).decode().splitlines())
+    return tuple((name, tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())) for name, shape in rows)
+
+
+def released_weights(prefix: str = "") -> dict[str, list[int]]:
+    """Name -> shape of every tensor in the released checkpoint whose name starts with `prefix`."""
+    return {name: list(shape) for name, shape in _released_weights() if name.startswith(prefix)}
 
 
 def tiny_config(overrides: dict | None = None) -> dict:

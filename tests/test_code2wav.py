@@ -11,7 +11,6 @@ eager and SDPA paths agree to ~1e-6.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,9 @@ from qwen3omni.config import Code2WavConfig, Qwen3OmniConfig
 from qwen3omni.errors import InputError
 from qwen3omni.model.code2wav import Code2Wav
 
-from reference import reference_config, sensitive_value, tiny_config
+from reference import reference_config, released_weights, sensitive_value, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RELEASED_WEIGHTS = ROOT.parent / "shared" / "reference" / "qwen3-omni-30b-a3b-instruct.weights.tsv"
 WAVE_TOL = 1e-4  # absolute, on a wave of std ~0.25
 WRONG_MIN = 1e-2  # what a wrong variant must move the wave by (measured: 1.2e-2 .. 0.4)
 REFERENCE_JITTER_MAX = 1e-5  # eager vs SDPA in the reference (measured: ~1e-6)
@@ -83,12 +81,7 @@ def test_released_layout_on_meta():
     with torch.device("meta"):
         model = Code2Wav(cfg)
     ours = {f"code2wav.{k}": list(v.shape) for k, v in export_state_dict(model).items()}
-    released = {}
-    for line in RELEASED_WEIGHTS.read_text().splitlines():
-        name, shape = line.split("\t")
-        if name.startswith("code2wav."):
-            released[name] = json.loads(shape)
-    assert ours == released
+    assert ours == released_weights("code2wav.")
     assert len(ours) == 230
     assert sum(torch.Size(s).numel() for s in ours.values()) == 216_016_577
     assert model.num_samples(1) == 1920 - 555 and model.num_samples(10) == 19200 - 555

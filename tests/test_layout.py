@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import pytest
@@ -12,19 +11,9 @@ from qwen3omni.checkpoint import export_state_dict
 from qwen3omni.config import Qwen3OmniConfig
 from qwen3omni.model.omni import Qwen3Omni
 
+from reference import released_weights
+
 ROOT = Path(__file__).resolve().parents[1]
-# The released tensor list (../shared/reference/); a gzipped copy travels with the repo for CI.
-RELEASED = ROOT / "tests" / "data" / "qwen3-omni-30b-a3b-instruct.weights.tsv.gz"
-
-
-def released() -> dict[str, list[int]]:
-    out = {}
-    for line in gzip.decompress(RELEASED.read_bytes()).decode().splitlines():
-        name, shape = line.split("\t")
-        out[name] = [int(x) for x in shape.strip("[]").split(",") if x.strip()]
-    return out
-
-
 @pytest.fixture(scope="module")
 def exported():
     cfg = Qwen3OmniConfig.from_pretrained(ROOT / "configs" / "qwen3-omni-30b-a3b-instruct.json")
@@ -36,7 +25,7 @@ def exported():
 @pytest.mark.parametrize("prefix", ["thinker.model.", "thinker.lm_head.", "thinker.audio_tower.", "thinker.visual.",
                                     "talker.", "code2wav."])
 def test_component_matches_released_list(exported, prefix):
-    want = {n: s for n, s in released().items() if n.startswith(prefix)}
+    want = {n: s for n, s in released_weights().items() if n.startswith(prefix)}
     got = {n: s for n, s in exported.items() if n.startswith(prefix)}
     assert sorted(set(want) - set(got)) == []
     assert sorted(set(got) - set(want)) == []
@@ -44,7 +33,7 @@ def test_component_matches_released_list(exported, prefix):
 
 
 def test_full_model_is_the_released_layout(exported):
-    want = released()
+    want = released_weights()
     assert len(want) == 28010
     assert exported == want
     assert sum(torch.Size(s).numel() for s in exported.values()) == 35_259_818_545

@@ -16,11 +16,17 @@ from qwen3omni.errors import InputError
 from qwen3omni.model.omni import Qwen3Omni
 from qwen3omni.model.talker import Talker, decode_positions, prefill_positions, rope_deltas
 
-from reference import build_reference, max_rel_err, save_reference, set_reference_attention, tiny_config
+from reference import (
+    build_reference,
+    max_rel_err,
+    released_weights,
+    save_reference,
+    set_reference_attention,
+    tiny_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASED_CONFIG = ROOT / "configs" / "qwen3-omni-30b-a3b-instruct.json"
-RELEASED_WEIGHTS = Path("/work/shared/reference/qwen3-omni-30b-a3b-instruct.weights.tsv")
 
 # Calibrated in test_tolerance_calibration: the reference's eager and sdpa paths differ by ~4e-7 on these logits,
 # while a wrong mrope section (0.1) or layout (0.8), a missing shared expert (0.5) or top-k + 1 (0.2) move them
@@ -275,13 +281,7 @@ def test_greedy_talker_loop_matches_reference_generate(which, request):
 # ---- layout ------------------------------------------------------------------------------------------------
 def test_released_talker_layout():
     """Built on meta from the released config, the talker exports exactly the released `talker.*` tensors."""
-    if not RELEASED_WEIGHTS.is_file():
-        pytest.skip("released weight list not available")
-    expected = {}
-    for line in RELEASED_WEIGHTS.read_text().splitlines():
-        name, shape = line.split("\t")
-        if name.startswith("talker."):
-            expected[name] = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
+    expected = released_weights("talker.")
     config = Qwen3OmniConfig.from_pretrained(RELEASED_CONFIG)
     with torch.device("meta"):
         model = Qwen3Omni(config, components={"talker"})

@@ -14,7 +14,6 @@ sits between: 1e-4 (1e-5 for the reference's own paths).
 from __future__ import annotations
 
 import functools
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,12 @@ from qwen3omni.errors import InputError
 from qwen3omni.model import vision_encoder
 from qwen3omni.model.vision_encoder import VisionEncoder
 
-from reference import max_rel_err, reference_config, sensitive_init_, tiny_config
+from reference import max_rel_err, reference_config, released_weights, sensitive_init_, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 PHOTO = DATA / "photo_chelsea_333x221.jpg"
 VIDEO = DATA / "video_coffee_speech.mp4"
-RELEASED = DATA / "qwen3-omni-30b-a3b-instruct.weights.tsv.gz"  # the released tensor list (../shared/reference/)
 TOL = 1e-4
 WRONG = 1e-2
 
@@ -97,13 +95,6 @@ def media():
 
 # ---- layout -------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _released() -> dict[str, list[int]]:
-    text = gzip.decompress(RELEASED.read_bytes()).decode()
-    rows = (line.split("\t") for line in text.splitlines() if line.strip())
-    return {name: [int(d) for d in shape.strip("[]").split(",") if d.strip()] for name, shape in rows}
-
-
-@functools.lru_cache(maxsize=1)
 def _ours() -> dict[str, list[int]]:
     from qwen3omni.checkpoint import export_state_dict
     from qwen3omni.model.omni import Qwen3Omni
@@ -115,7 +106,7 @@ def _ours() -> dict[str, list[int]]:
 
 
 def released_names_with_prefix(prefix: str) -> dict[str, list[int]]:
-    return {k: v for k, v in _released().items() if k.startswith(prefix)}
+    return released_weights(prefix)
 
 
 def our_names_with_prefix(prefix: str) -> dict[str, list[int]]:
