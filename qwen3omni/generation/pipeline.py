@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InputError, describe, expect_int
 from ..model.code_predictor import predictor_sampling
+from ..model.placement import device_of
 from ..model.thinker import check_token_ids
 from .sampling import SamplingConfig
 from .speech import SpeechSettings, talker_frames
@@ -167,7 +168,7 @@ def decode_row(model, codes_GF: torch.Tensor) -> torch.Tensor:
     """One row's waveform, decoded as the reference does (chunks of 300 frames with 25 frames of context)."""
     if codes_GF.shape[1] == 0:
         return torch.zeros(0)
-    device = next(model.code2wav.parameters()).device
+    device = device_of(model.code2wav)
     wav = model.code2wav.chunked_decode(codes_GF[None].to(device), chunk_size=300, left_context_size=25)
     return wav.reshape(-1).float().cpu()
 
@@ -221,7 +222,7 @@ def _stream_speech(model, plan: Plan, input_ids, attention_mask, first, accept_h
         return project_text(model, answer[g + 1])
 
     decoder = model.code2wav.streaming_decoder()
-    device = next(model.code2wav.parameters()).device
+    device = device_of(model.code2wav)
     for codes, _ in talker_frames(model, prompt, text_for_step, plan.speech, plan.media):
         samples = decoder.push(codes[:, :, None].to(device))  # audio first: it is what a listener waits for
         if samples.numel():

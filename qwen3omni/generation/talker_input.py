@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from ..model.placement import device_of
 
 
 @dataclass
@@ -47,8 +48,8 @@ def speaker_id(config, speaker: str) -> int:
 
 def project_text(model, token_ids: torch.Tensor) -> torch.Tensor:
     """text_projection(thinker token embedding) for ids of any shape -> [..., C_talker]."""
-    embeds = model.thinker.model.embed_tokens(token_ids.to(model.thinker.lm_head.weight.device))
-    return model.talker.text_projection(embeds.to(model.talker.codec_head.weight.device))
+    embeds = model.thinker.model.embed_tokens(token_ids.to(device_of(model.thinker)))
+    return model.talker.text_projection(embeds.to(device_of(model.talker)))
 
 
 def tts_markers(model) -> TtsMarkers:
@@ -72,7 +73,7 @@ def user_part(model, input_ids, attention_mask, accept_hidden):
     """Talker embeddings, ids and mask of the prompt's user turns, right-aligned: ([B,U,C], [B,U], [B,U])."""
     cfg = model.config
     talker = model.talker
-    device = talker.codec_head.weight.device
+    device = device_of(talker)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     media = torch.isin(input_ids, torch.tensor(
         [cfg.thinker.audio_token_id, cfg.thinker.image_token_id, cfg.thinker.video_token_id], device=device

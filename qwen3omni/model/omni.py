@@ -11,9 +11,8 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..config import Qwen3OmniConfig
 from ..errors import InputError, describe
+from .placement import COMPONENTS, resolve_devices
 from .thinker import Thinker
-
-COMPONENTS = ("thinker", "talker", "code2wav")
 
 
 def resolve_components(config: Qwen3OmniConfig, components: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -111,8 +110,6 @@ class Qwen3Omni(nn.Module):
         component must be named; see `placement`), and each tensor is read straight onto its component's device.
         `components={"thinker"}` reads only the thinker's tensors (about 10 GB less for the released model).
         """
-        from .placement import resolve_devices
-
         dtype = _as_dtype(dtype)
         config = Qwen3OmniConfig.from_pretrained(path)
         with torch.device("meta"):
