@@ -106,11 +106,7 @@ class PredictorRunner:
 
     def _step(self, s: int):
         def step():
-            start, width = (0, 2) if s == 0 else (s + 1, 1)
-            self.cache.length = start
-            out = self.predictor.model(self.seq[:, start : start + width], self.positions[..., start : start + width],
-                                       cache=self.cache)
-            self.logits[s] = self.predictor.lm_head[s](out.last_hidden_state[:, -1])
+            self.logits[s] = self.predictor.step_logits(s, self.seq, self.positions, self.cache)
 
         return step
 

@@ -141,15 +141,11 @@ class CodePredictor(nn.Module):
         codes = torch.empty(B, self.num_residual, dtype=torch.long, device=talker_hidden_BC.device)
         logits_all = [] if return_logits else None
         positions = torch.arange(G, device=talker_hidden_BC.device).view(1, 1, G).expand(1, B, G)
-        x = seq[:, :2]
         for step in range(self.num_residual):
-            start = cache.length
-            out = self.model(x, positions[..., start : start + x.shape[1]], cache=cache)
-            logits = self.lm_head[step](out.last_hidden_state[:, -1])
+            logits = self.step_logits(step, seq, positions, cache)
             code = choose(logits, sampling, generator)
             codes[:, step] = code
             seq[:, step + 2] = self.model.codec_embedding[step](code)
-            x = seq[:, step + 2 : step + 3]
             if logits_all is not None:
                 logits_all.append(logits)
         return PredictedFrame(
@@ -157,6 +153,17 @@ class CodePredictor(nn.Module):
             codec_embeds=seq[:, 1:],
             logits=torch.stack(logits_all, dim=1) if logits_all is not None else None,
         )
+
+    def step_logits(self, step: int, seq: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] of head `step` for the frame in `seq` [B, G+1, C] (see `predict`).
+
+        Step 0 reads the 2-token prompt at positions 0-1, step s >= 1 the code fed back at position s + 1: the
+        offsets are fixed per step, which is what lets each step be captured once as a CUDA graph.
+        """
+        start, width = (0, 2) if step == 0 else (step + 1, 1)
+        cache.length = start
+        out = self.model(seq[:, start : start + width], positions[..., start : start + width], cache=cache)
+        return self.lm_head[step](out.last_hidden_state[:, -1])
 
     def teacher_forced_logits(
         self, talker_hidden_BTC: torch.Tensor, layer0_embed_BTC: torch.Tensor, residual_codes_BTN: torch.Tensor
