@@ -419,6 +419,8 @@ def test_stream_arguments(model, processor):
         next(model.stream(**batch))
     with raises(InputError, "talker_top_p:", "1.5"):
         next(model.stream(**processor(user(TEXT)), talker_top_p=1.5))
+    with raises(InputError, "audio_chunk_frames", "0"):
+        next(model.stream(**processor(user(TEXT)), audio_chunk_frames=0))
 
 
 def test_a_failed_or_interrupted_generate_leaves_nothing_behind(model, processor, monkeypatch):

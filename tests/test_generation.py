@@ -155,13 +155,15 @@ def count_frames(model):
     return calls, lambda: setattr(model.talker, "predict_residual", original)
 
 
-def test_stream_matches_generate_and_starts_early(pair):
+@pytest.mark.parametrize("chunk", [1, 4, 5])
+def test_stream_matches_generate_and_starts_early(pair, chunk):
     batch = pair.processor(user(text("Tell me a story about a cat.")))
     offline = pair.ours.generate(**batch, max_new_tokens=12, talker_do_sample=False, talker_max_new_tokens=24)
     calls, restore = count_frames(pair.ours)
     frames_at_first_audio, events = None, []
+    kw = dict(max_new_tokens=12, talker_do_sample=False, talker_max_new_tokens=24, audio_chunk_frames=chunk)
     try:
-        for ev in pair.ours.stream(**batch, max_new_tokens=12, talker_do_sample=False, talker_max_new_tokens=24):
+        for ev in pair.ours.stream(**batch, **kw):
             if ev.kind == "audio" and frames_at_first_audio is None:
                 frames_at_first_audio = calls["frames"]
             events.append(ev)
@@ -175,6 +177,9 @@ def test_stream_matches_generate_and_starts_early(pair):
     assert audio.shape == full.shape == offline.audio[0].shape
     assert (audio - full).abs().max() < WAVE_TOL
     assert (audio - offline.audio[0]).abs().max() < WAVE_TOL
+    # the first frame alone, then `chunk` frames per push (the last push may be shorter)
+    frames = offline.codes[0].shape[-1]
+    assert sum(e.kind == "audio" for e in events) == 1 + -(-(frames - 1) // chunk)
 
 
 def test_stream_text_only(pair):

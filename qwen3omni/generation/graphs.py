@@ -28,6 +28,12 @@ def graphs_wanted(device: torch.device, requested: bool | None) -> bool:
     return requested is True or os.environ.get("QWEN3OMNI_CUDA_GRAPHS", "1") != "0"
 
 
+def static_steps(stack, graphs: bool) -> bool:
+    """Whether a decode loop runs its steps over a static cache: for CUDA graphs, or for a stack whose layer
+    step is compiled (`DecoderStack.compile_decode_step`, which applies to static-cache steps only)."""
+    return graphs or stack.compiled_step is not None
+
+
 class Captured:
     """`step()` captured into a CUDA graph (after one warm-up run on a side stream), or run eagerly."""
 
@@ -62,7 +68,7 @@ class StaticDecoder:
     the cache (its length) is done here: a replay advances only the device-side offset.
     """
 
-    def __init__(self, forward, cache: KVCache, inputs: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, forward, cache: KVCache, inputs: torch.Tensor, positions: torch.Tensor, capture: bool = True):
         self.cache = cache
         cache.set_static(True)
         self.inputs, self.positions = inputs.clone(), positions.clone()
@@ -73,7 +79,7 @@ class StaticDecoder:
 
         start = cache.length
         rewind = lambda: setattr(cache, "length", start)  # noqa: E731 - warm-up and capture must not move it
-        self.step = Captured(step, inputs.is_cuda, before=rewind)
+        self.step = Captured(step, capture and inputs.is_cuda, before=rewind)
         cache.length = start
 
     def __call__(self, inputs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -92,13 +98,16 @@ class PredictorRunner:
     Built once per (batch, dtype, device) and reused for every frame and every call.
     """
 
-    def __init__(self, predictor, batch: int, dtype, device):
-        capture = torch.device(device).type == "cuda"
+    def __init__(self, predictor, batch: int, dtype, device, capture: bool = True):
+        capture = capture and torch.device(device).type == "cuda"
         self.predictor = predictor
         cfg = predictor.config
         G, C = predictor.num_residual + 1, cfg.hidden_size
         self.seq = torch.zeros(batch, G + 1, C, dtype=dtype, device=device)
         self.cache = predictor.new_cache(batch, dtype, device)
+        # Static: each step sets the offset on the device (a captured fill) and the layers see only tensors,
+        # so a compiled layer step (`compile_decode_step`) serves all 15 steps.
+        self.cache.set_static(True)
         self.positions = torch.arange(G, device=device).view(1, 1, G).expand(1, batch, G).contiguous()
         self.logits: list[torch.Tensor | None] = [None] * predictor.num_residual
         pool = torch.cuda.graph_pool_handle() if capture else None
@@ -125,10 +134,10 @@ class PredictorRunner:
         return codes, self.seq[:, 1:].clone()
 
 
-def predictor_runner(predictor, batch: int, dtype, device) -> PredictorRunner:
-    """The runner for this batch/dtype/device, built on first use and kept on the module."""
-    key = (batch, dtype, str(device))
+def predictor_runner(predictor, batch: int, dtype, device, capture: bool = True) -> PredictorRunner:
+    """The runner for this batch/dtype/device (captured or not), built on first use and kept on the module."""
+    key = (batch, dtype, str(device), capture)
     runners = predictor.__dict__.setdefault("_runners", {})
     if key not in runners:
-        runners[key] = PredictorRunner(predictor, batch, dtype, device)
+        runners[key] = PredictorRunner(predictor, batch, dtype, device, capture)
     return runners[key]

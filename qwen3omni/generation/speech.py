@@ -10,7 +10,7 @@ import torch
 
 from ..model import positions
 from ..model.talker import decode_positions, prefill_positions, rope_deltas
-from .graphs import StaticDecoder, graphs_wanted, predictor_runner
+from .graphs import StaticDecoder, graphs_wanted, predictor_runner, static_steps
 from .sampling import SamplingConfig, next_token
 from .talker_input import TalkerPrompt
 
@@ -105,13 +105,15 @@ def _talker_decoder(talker, cache, embed, positions, graphs: bool):
         out = talker(x, pos, cache=cache, logits_to_keep=1)
         return out.logits[:, -1], out.last_hidden_state[:, -1]
 
-    return StaticDecoder(forward, cache, embed, positions) if graphs else forward
+    if not static_steps(talker.model, graphs):
+        return forward
+    return StaticDecoder(forward, cache, embed, positions, capture=graphs)
 
 
 def _predictor(talker, batch: int, dtype, device, graphs: bool, settings: SpeechSettings):
     """(hidden [B, C], code 0 [B]) -> (codes 1..15 [B, 15], the frame's 16 codec embeddings [B, 16, C])."""
-    if graphs:
-        runner = predictor_runner(talker.code_predictor, batch, dtype, device)
+    if static_steps(talker.code_predictor.model, graphs):
+        runner = predictor_runner(talker.code_predictor, batch, dtype, device, capture=graphs)
         return lambda hidden, token: runner.run(
             hidden, talker.model.codec_embedding(token), settings.predictor, settings.generator
         )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError, expect_int
-from .graphs import StaticDecoder, graphs_wanted
+from .graphs import StaticDecoder, graphs_wanted, static_steps
 from .sampling import SamplingConfig, next_token
 
 GREEDY = SamplingConfig()
@@ -106,12 +106,13 @@ def thinker_steps(
 
 
 def _thinker_decoder(thinker, cache, token, positions, graphs: bool):
-    """The single-token step: eager, or (on CUDA) a replayed CUDA graph over a static cache."""
-    if not graphs:
+    """The single-token step: eager, or over a static cache (replayed from a CUDA graph when `graphs`; compiled
+    layers, if the thinker's stack has them)."""
+    if not static_steps(thinker.model, graphs):
         return lambda tok, pos: (thinker(input_ids=tok, position_ids=pos, cache=cache).logits[:, -1],)
     return StaticDecoder(
         lambda tok, pos: (thinker(input_ids=tok, position_ids=pos, cache=cache, logits_to_keep=1).logits[:, -1],),
-        cache, token, positions,
+        cache, token, positions, capture=graphs,
     )
 
 

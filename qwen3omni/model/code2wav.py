@@ -61,8 +61,8 @@ class Code2WavLayer(nn.Module):
         self.self_attn_layer_scale = LayerScale(dim, cfg.layer_scale_initial_scale)
         self.mlp_layer_scale = LayerScale(dim, cfg.layer_scale_initial_scale)
 
-    def forward(self, x_BTC, rope, mask, cache=None, layer: int = 0):
-        attn = self.self_attn(self.input_layernorm(x_BTC), rope, mask, cache, layer)
+    def forward(self, x_BTC, rope, mask, kv=None):
+        attn = self.self_attn(self.input_layernorm(x_BTC), rope, mask, kv)
         x_BTC = x_BTC + self.self_attn_layer_scale(attn)
         return x_BTC + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x_BTC)))
 
@@ -85,6 +85,9 @@ class SlidingKVCache:
     def cached(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
+    def layer(self, index: int) -> _SlidingLayerKV:
+        return _SlidingLayerKV(self, index)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self.keys[layer] is not None:
             k = torch.cat([self.keys[layer], k], dim=2)
@@ -98,6 +101,16 @@ class SlidingKVCache:
 
     def numel(self) -> int:
         return sum(t.numel() for t in (*self.keys, *self.values) if t is not None)
+
+
+class _SlidingLayerKV:
+    """One layer's view of a `SlidingKVCache` (the `kv` an attention layer updates)."""
+
+    def __init__(self, cache: SlidingKVCache, index: int):
+        self.cache, self.index = cache, index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        return self.cache.update(self.index, k, v)
 
 
 class Code2WavTransformer(nn.Module):
@@ -123,7 +136,7 @@ class Code2WavTransformer(nn.Module):
         if past + T > self.window:
             mask = decoder_mask(None, T, past, self.window, x_BTC.device)
         for i, layer in enumerate(self.layers):
-            x_BTC = layer(x_BTC, rope, mask, cache, i)
+            x_BTC = layer(x_BTC, rope, mask, cache.layer(i) if cache is not None else None)
         if cache is not None:
             cache.advance(T)
         return self.norm(x_BTC)

@@ -68,6 +68,17 @@ class Qwen3Omni(nn.Module):
     def has_talker(self) -> bool:
         return self.talker is not None and self.code2wav is not None
 
+    def compile_decoding(self, enable: bool = True, **options) -> None:
+        """torch.compile the decode steps of the thinker, the talker and the code predictor (one compiled layer
+        step per stack, see `DecoderStack.compile_decode_step`). `generate` and `stream` then decode over static
+        caches with those layers, inside their CUDA graphs on a GPU. Opt-in: the first call compiles (tens of
+        seconds). `enable=False` goes back to eager layers."""
+        stacks = [self.thinker.model] if self.thinker is not None else []
+        if self.talker is not None:
+            stacks += [self.talker.model, self.talker.code_predictor.model]
+        for stack in stacks:
+            stack.compile_decode_step(enable, **options)
+
     # ---- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -87,7 +98,8 @@ class Qwen3Omni(nn.Module):
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Like `generate` (batch size 1), but yields `StreamEvent(kind, data)` as soon as each piece is ready:
-        ("text", new token ids) and ("audio", new 24 kHz samples). Speech starts after the first codec frames."""
+        ("text", new token ids) and ("audio", new 24 kHz samples). Speech starts after the first codec frame;
+        later frames are vocoded `audio_chunk_frames` (default 4) at a time."""
         from ..generation.pipeline import stream
 
         yield from stream(self, input_ids, attention_mask, **kwargs)

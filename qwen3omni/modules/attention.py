@@ -148,9 +148,9 @@ class Attention(nn.Module):
         x_BTC: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        cache=None,
-        layer: int = 0,
+        kv=None,
     ) -> torch.Tensor:
+        """`kv`: this layer's cache view (`KVCache.layer(i)`), or None without a cache."""
         B, T, _ = x_BTC.shape
         q = self.q_proj(x_BTC).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x_BTC).view(B, T, self.num_kv_heads, self.head_dim)
@@ -161,7 +161,7 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
+        if kv is not None:
+            k, v = kv.update(k, v)
         out = attend(q, k, v, mask=mask, causal=mask is None, backend=self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, decoder_mask
-from .kv_cache import KVCache
+from .kv_cache import KVCache, LayerKV
 from .moe import MoeBlock
 from .norms import RMSNorm
 from .rotary import RotaryEmbedding
@@ -35,8 +35,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(dim, eps)
         self.post_attention_layernorm = RMSNorm(dim, eps)
 
-    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
+    def forward(self, x, rope, mask, kv: LayerKV | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoeBlock):
             h, router_logits = self.mlp(h)
@@ -48,6 +48,12 @@ class DecoderLayer(nn.Module):
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+def run_layer(layer: DecoderLayer, x, rope, mask, kv: LayerKV | None):
+    """One layer's forward: the function `DecoderStack.compile_decode_step` compiles (module as an argument,
+    so every layer of a stack shares the compiled code)."""
+    return layer(x, rope, mask, kv)
+
+
 class DecoderStack(nn.Module):
     """`layers` + `norm` + the rotary table shared by all layers."""
 
@@ -57,6 +63,7 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(dim, eps)
         self.rotary = rotary
         self.gradient_checkpointing = False
+        self.compiled_step = None  # see compile_decode_step
 
     def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> KVCache:
         attn = self.layers[0].self_attn
@@ -65,6 +72,20 @@ class DecoderStack(nn.Module):
             len(self.layers), batch, attn.num_kv_heads, attn.head_dim, capacity,
             dtype or param.dtype, device or param.device,
         )
+
+    def compile_decode_step(self, enable: bool = True, **options) -> None:
+        """Run each layer of a static-cache step (the decode steps that generation replays from CUDA graphs)
+        through `torch.compile(run_layer)`: one compiled graph serves every layer (a layer sees its cache as
+        tensors, see `LayerKV`), with its elementwise chains (norms, rotary, SwiGLU, routing) fused into a few
+        kernels. Prefill and training stay eager. The first step compiles (tens of seconds); a new cache
+        capacity recompiles once with that size symbolic. `options` go to `torch.compile`."""
+        if not enable:
+            self.compiled_step = None
+            return
+        # Thinker, talker and code predictor steps (and their batch sizes) each add entries for the one
+        # `run_layer` code object; the default limit of 8 would silently send later ones back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.compiled_step = torch.compile(run_layer, **options)
 
     def set_attention_backend(self, backend: str) -> None:
         for layer in self.layers:
@@ -97,12 +118,13 @@ class DecoderStack(nn.Module):
         else:
             mask = decoder_mask(key_valid, T, start, window, x.device)
         rope = self.rotary(position_ids, dtype=x.dtype)
+        step = self.compiled_step if cache is not None and cache.static and self.compiled_step else run_layer
         hidden, routers = [x] if output_hidden_states else None, [] if output_router_logits else None
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x, logits = checkpoint(layer, x, rope, mask, None, i, use_reentrant=False)
+                x, logits = checkpoint(layer, x, rope, mask, None, use_reentrant=False)
             else:
-                x, logits = layer(x, rope, mask, cache, i)
+                x, logits = step(layer, x, rope, mask, cache.layer(i) if cache is not None else None)
             if hidden is not None:
                 hidden.append(x)
             if routers is not None and logits is not None:

@@ -2,7 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class LayerKV:
+    """One layer's view of a `KVCache`: its key/value buffers [B, H, capacity, D] and the write offset.
+
+    A layer gets this view rather than the cache and a layer number, so a compiled layer step sees only
+    tensors (no per-layer integer to specialise on) and one compiled graph serves every layer.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int  # host-side offset (eager mode)
+    position: torch.Tensor | None  # device-side offset (static mode)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v [B, H, T, D] at the offset; return all keys/values so far (in static mode: the whole
+        buffers, to be read with `KVCache.static_mask`)."""
+        if self.position is not None:
+            index = self.position + torch.arange(k.shape[2], device=k.device)
+            self.keys.index_copy_(2, index, k)
+            self.values.index_copy_(2, index, v)
+            return self.keys, self.values
+        end = self.length + k.shape[2]
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class KVCache:
@@ -74,18 +103,13 @@ class KVCache:
         self.key_valid[:, self._length : self._length + t] = attention_mask.bool()
         self.has_padding = self.has_padding or not bool(attention_mask.bool().all())
 
+    def layer(self, index: int) -> LayerKV:
+        """What layer `index` reads and writes: its buffers and the current offset."""
+        return LayerKV(self.keys[index], self.values[index], self._length, self.position)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v [B, H, T, D] at the current offset; return all keys/values so far for this layer
-        (in static mode: the whole buffers, to be read with `static_mask`)."""
-        if self.position is not None:
-            index = self.position + torch.arange(k.shape[2], device=k.device)
-            self.keys[layer].index_copy_(2, index, k)
-            self.values[layer].index_copy_(2, index, v)
-            return self.keys[layer], self.values[layer]
-        end = self._length + k.shape[2]
-        self.keys[layer, :, :, self._length : end] = k
-        self.values[layer, :, :, self._length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        """Write k/v [B, H, T, D] of `layer` at the current offset (see `LayerKV.update`)."""
+        return self.layer(layer).update(k, v)
 
     def advance(self, tokens: int, on_device: bool = True) -> None:
         """Move the offset by `tokens`. `on_device=False` updates only the host copy: for a caller replaying a

@@ -76,9 +76,9 @@ class Experts(nn.Module):
     - "grouped_mm": the same grouping done by `torch._grouped_mm` in two kernels, with group offsets computed on
       the device: no host sync and no data-dependent shapes (CUDA bf16; CUDA graphs and torch.compile friendly).
     - "gathered": copy the chosen experts' weights and run batched matmuls; also sync-free, the fallback for
-      accelerators without `_grouped_mm` (it moves k expert matrices per token, so it is not used on CPU).
-    `dispatch = "auto"` (the default) picks per call; set it to a name to force one (tests compare them all
-    against `moe_reference`).
+      accelerators without `_grouped_mm` (it moves k expert matrices per token, so eager CPU calls do not use it).
+    `dispatch = "auto"` (the default) picks per call (inside torch.compile: grouped_mm or gathered); set it to
+    a name to force one (tests compare them all against `moe_reference`).
     """
 
     STRATEGIES = ("auto", "pairs", "sorted", "grouped_mm", "gathered")
@@ -109,6 +109,8 @@ class Experts(nn.Module):
     def strategy(self, x_NH: torch.Tensor, routing: Routing) -> str:
         if self.dispatch != "auto":
             return self.dispatch
+        if torch.compiler.is_compiling():  # no host reads inside a compiled graph
+            return "grouped_mm" if grouped_mm_usable(x_NH, self.gate_up_proj) else "gathered"
         if x_NH.device.type == "cpu":
             return "pairs" if x_NH.shape[0] <= self.pairs_limit else "sorted"
         if grouped_mm_usable(x_NH, self.gate_up_proj):
