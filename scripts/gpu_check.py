@@ -8,7 +8,7 @@ on the GPU in bf16 and filled in place with small random values. Prints one JSON
 goes (a section that fails prints its error and the run goes on), each section within a time budget:
 
   1. thinker decode tokens/s at batch 1: eager, and with the decode step captured in a CUDA graph
-     (static KV cache, MoE through torch._grouped_mm: no host sync in the step); torch.compile with --compile
+     (static KV cache, MoE through torch._grouped_mm: no host sync in the step)
   2. prefill time for 2,000 tokens (flash-attn when installed, else SDPA)
   3. time from request to first audio for a short text prompt, through `Qwen3Omni.stream` when present, and
      the same chain timed stage by stage (thinker prefill + first token, talker prefill, code predictor,
@@ -16,6 +16,8 @@ goes (a section that fails prints its error and the run goes on), each section w
   4. speech real-time factor: talker step + 15-step code predictor (one CUDA graph per frame) + incremental
      Code2Wav, seconds of compute per second of audio
   5. peak GPU memory
+  With --compile, sections 1, 4 and 3 (stream) run again after `model.compile_decoding()`: the decode steps'
+  layers through torch.compile (one compiled layer step per stack), inside the same CUDA graphs.
   6. the transformers reference on the same GPU and the same weights (its thinker, real widths; all 48 layers
      when memory allows, else fewer, said in the output): greedy decode tokens/s, and ours on it, as a ratio
 """
@@ -44,6 +46,15 @@ NEWLINE = 198  # "\n" in the Qwen tokenizer
 
 # ---- output and budget -------------------------------------------------------------------------------------------
 SUMMARY: dict = {}  # the headline figures, printed again at the end next to issue 10's GPU targets
+PASS = {"tag": ""}  # "" for the eager-layer pass, "compiled" after `compile_decoding()`
+
+
+EAGER_TOKENS: dict = {}  # the first pass's eager greedy tokens, compared with the compiled pass's
+
+
+def record(key: str, value) -> None:
+    """A headline figure, suffixed with the current pass ("..._compiled" in the compiled pass)."""
+    SUMMARY[key + (f"_{PASS['tag']}" if PASS["tag"] else "")] = value
 
 
 def say(section: str, **fields) -> None:
@@ -239,19 +250,20 @@ class GraphDecoder:
 
 
 def eager_decode_seconds(thinker, prompt, n: int, dev: Device, cuda_graphs: bool | None = False):
-    """Per-step time of our generate: (time for 1 + n tokens - time for 1 token) / n. `cuda_graphs=False` is
-    the eager loop; None is the library's default (the step replayed from a CUDA graph, captured per call)."""
+    """Per-step time of our generate: (time for 1 + n tokens - time for 2 tokens) / (n - 1), so the prefill and,
+    with graphs, the per-call capture (done before the second token) cancel out. `cuda_graphs=False` is the
+    eager loop; None is the library's default (the step replayed from a CUDA graph, captured per call)."""
     from qwen3omni.generation.text import generate_text
 
     def gen(k):
         return generate_text(thinker, prompt, max_new_tokens=k, cuda_graphs=cuda_graphs)
 
     with torch.no_grad():
-        gen(2)
-        one = min(dev.clock(lambda: gen(1)) for _ in range(2))
+        gen(3)
+        two = min(dev.clock(lambda: gen(2)) for _ in range(2))
         result = {}
         many = dev.clock(lambda: result.setdefault("out", gen(n + 1)))
-    return (many - one) / n, result["out"].new_tokens[0]
+    return (many - two) / (n - 1), result["out"].new_tokens[0]
 
 
 def section_decode(model, args, dev: Device, budget: Budget) -> None:
@@ -259,12 +271,16 @@ def section_decode(model, args, dev: Device, budget: Budget) -> None:
     prompt = random_ids(32 if not args.dry_run else 8, 1, dev.device)
     n = args.decode_tokens
     per_step, eager_tokens = eager_decode_seconds(thinker, prompt, n, dev)
-    SUMMARY["eager_thinker_step_ms"] = per_step * 1e3
-    say("thinker decode", mode="eager", tokens_per_s=round(1 / per_step, 2), ms_per_token=round(per_step * 1e3, 2),
-        tokens=n)
+    if PASS["tag"]:
+        say("thinker decode", first_tokens_equal_to_uncompiled_eager=_agreement(eager_tokens, EAGER_TOKENS["t"]))
+    else:
+        EAGER_TOKENS["t"] = eager_tokens
+    record("eager_thinker_step_ms", per_step * 1e3)
+    say("thinker decode", mode="eager" + (" (compiled layers, no graph)" if PASS["tag"] else ""),
+        tokens_per_s=round(1 / per_step, 2), ms_per_token=round(per_step * 1e3, 2), tokens=n)
     lib_step, lib_tokens = eager_decode_seconds(thinker, prompt, n, dev, cuda_graphs=None)
-    SUMMARY["library_generate_tokens_per_s"] = round(1 / lib_step, 2)
-    say("thinker decode", mode="library generate (cuda graphs, captured per call)",
+    record("library_generate_tokens_per_s", round(1 / lib_step, 2))
+    say("thinker decode", mode="library generate (cuda graphs, captured per call; capture not in the figure)",
         tokens_per_s=round(1 / lib_step, 2), ms_per_token=round(lib_step * 1e3, 2), tokens=n,
         first_tokens_equal_to_eager=_agreement(lib_tokens, eager_tokens))
     dec = GraphDecoder(thinker, prompt, n + 8, dev)
@@ -273,13 +289,11 @@ def section_decode(model, args, dev: Device, budget: Budget) -> None:
     replay = dec.capture()
     seconds, tokens = dec.run(replay, n - 2)
     agree = _agreement(torch.cat([t[0] for t in dec.history] + [tokens]), eager_tokens)
-    SUMMARY["thinker_decode_tokens_per_s"] = round((n - 2) / seconds, 2)
-    SUMMARY["thinker_decode_mode"] = replay.note
-    SUMMARY["thinker_step_ms"] = seconds / (n - 2) * 1e3
+    record("thinker_decode_tokens_per_s", round((n - 2) / seconds, 2))
+    record("thinker_decode_mode", replay.note)
+    record("thinker_step_ms", seconds / (n - 2) * 1e3)
     say("thinker decode", mode=replay.note, tokens_per_s=round((n - 2) / seconds, 2),
         ms_per_token=round(seconds / (n - 2) * 1e3, 2), tokens=n - 2, first_tokens_equal_to_eager=agree)
-    if args.compile and budget.left() > 120:
-        section_compile(thinker, prompt, n, dev)
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -291,20 +305,24 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(same.cumprod(0).sum())
 
 
-def section_compile(thinker, prompt, n, dev):
-    dec = GraphDecoder(thinker, prompt, n + 8, dev)
+def section_compiled_pass(model, cfg, args, dev: Device, budget: Budget) -> None:
+    """`model.compile_decoding()`, then the decode, speech and stream measurements again: each decode step's
+    layers through one torch.compile'd layer step per stack, inside the same CUDA graphs."""
+    t = time.perf_counter()
+    model.compile_decoding()
+    PASS["tag"] = "compiled"
     try:
-        compiled = torch.compile(dec.step, mode="reduce-overhead", fullgraph=False)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            compiled()
+        with torch.no_grad():  # compile here (thinker, talker, predictor), not inside a timing
+            model.generate(input_ids=chat_prompt(cfg, 4, 9, dev.device), max_new_tokens=3, do_sample=False,
+                           talker_do_sample=False, talker_max_new_tokens=3)
         dev.sync()
-        compile_s = time.perf_counter() - t0
-        seconds = dev.clock(lambda: [compiled() for _ in range(n - 8)])
-        say("thinker decode", mode="torch.compile reduce-overhead", tokens_per_s=round((n - 8) / seconds, 2),
-            compile_seconds=round(compile_s, 1))
-    except Exception as e:  # noqa: BLE001
-        say("thinker decode", mode="torch.compile", failed=f"{type(e).__name__}: {str(e)[:300]}")
+        say("compiled pass", compile_and_first_generate_seconds=round(time.perf_counter() - t, 1))
+        record("compile_seconds", round(time.perf_counter() - t, 1))
+        section_decode(model, args, dev, budget)
+        section_rtf(model, args, dev, budget)
+        section_first_audio_stream(model, cfg, args, dev)
+    finally:
+        PASS["tag"] = ""
 
 
 # ---- 2. prefill ----------------------------------------------------------------------------------------------------
@@ -350,8 +368,8 @@ def section_first_audio_stream(model, cfg, args, dev: Device) -> None:
         total = time.perf_counter() - start
         audio_s = samples / 24000
         if attempt == "warm" and first_audio is not None:
-            SUMMARY["first_audio_ms_stream"] = round(first_audio * 1e3, 1)
-            SUMMARY["stream_real_time_factor"] = round((total - first_audio) / audio_s, 3) if audio_s else None
+            record("first_audio_ms_stream", round(first_audio * 1e3, 1))
+            record("stream_real_time_factor", round((total - first_audio) / audio_s, 3) if audio_s else None)
         say("first audio", via="Qwen3Omni.stream (cuda graphs)", run=attempt, prompt_tokens=prompt.shape[1],
             first_audio_ms=None if first_audio is None else round(first_audio * 1e3, 1),
             text_tokens=text, audio_seconds=round(audio_s, 2), total_seconds=round(total, 3),
@@ -375,6 +393,7 @@ class SpeechLoop:
         self.prompt = (torch.randn(1, prompt_len, C, generator=g) * 0.5).to(dev.device, dtype)
         self.cache = talker.model.new_cache(1, prompt_len + frames + 8)
         self.cp_cache = talker.code_predictor.new_cache(1)
+        self.cp_cache.set_static(True)  # as generation's predictor runner (and what a compiled step needs)
         self.pad = torch.zeros(1, C, dtype=dtype, device=dev.device)
         self.deltas = rope_deltas(torch.arange(prompt_len, device=dev.device).expand(3, 1, prompt_len))
         self.hidden = torch.zeros(1, C, dtype=dtype, device=dev.device)
@@ -493,8 +512,8 @@ def section_rtf(model, args, dev: Device, budget: Budget) -> None:
         rtf[chunk] = round((frame_ms + per_frame) / 80.0, 4)
         say("speech", code2wav_push_frames=chunk, code2wav_ms_per_frame=round(per_frame, 2),
             real_time_factor=rtf[chunk], note="(talker+predictor per frame + code2wav per frame) / 80 ms")
-    SUMMARY["speech_real_time_factor"] = rtf
-    SUMMARY["speech_frame_ms"] = {"talker_and_predictor": frame_ms, "mode": replay.note}
+    record("speech_real_time_factor", rtf)
+    record("speech_frame_ms", {"talker_and_predictor": frame_ms, "mode": replay.note})
 
 
 # ---- 6. the reference ------------------------------------------------------------------------------------------------
@@ -587,12 +606,11 @@ def environment(dev: Device, dtype) -> None:
                     capability=".".join(map(str, torch.cuda.get_device_capability(dev.device))),
                     moe_dispatch_bf16="grouped_mm" if moe.grouped_mm_usable(
                         torch.zeros(1, device=dev.device), torch.zeros(1, dtype=torch.bfloat16)) else "gathered")
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
+    for package in ("transformers", "triton"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
     say("environment", **info)
 
 
@@ -610,7 +628,8 @@ def main(argv=None):
     ap.add_argument("--ref-layers", type=int, default=None, help="reference thinker layers (default 48, or fewer "
                     "when they do not fit next to nothing else)")
     ap.add_argument("--ref-tokens", type=int, default=32)
-    ap.add_argument("--compile", action="store_true", help="also try torch.compile(mode='reduce-overhead')")
+    ap.add_argument("--compile", action="store_true", help="then the decode and speech sections again after "
+                    "model.compile_decoding() (torch.compile'd layer steps inside the CUDA graphs)")
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -652,6 +671,10 @@ def main(argv=None):
         with budget.section("first audio (stream)", 40) as ok:
             if ok:
                 section_first_audio_stream(model, cfg, args, dev)
+        if args.compile:
+            with budget.section("compiled pass", 150 if not args.skip_reference else 60) as ok:
+                if ok:
+                    section_compiled_pass(model, cfg, args, dev, budget)
         SUMMARY["peak_gpu_memory_gb"] = dev.peak_gb()
         say("memory", peak_gb=dev.peak_gb(), note="torch.cuda.max_memory_allocated over all of the above")
         del model

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, decoder_mask
 from .kv_cache import KVCache, LayerKV
-from .moe import MoeBlock
+from .moe import Experts, MoeBlock
 from .norms import RMSNorm
 from .rotary import RotaryEmbedding
 
@@ -77,15 +77,30 @@ class DecoderStack(nn.Module):
         """Run each layer of a static-cache step (the decode steps that generation replays from CUDA graphs)
         through `torch.compile(run_layer)`: one compiled graph serves every layer (a layer sees its cache as
         tensors, see `LayerKV`), with its elementwise chains (norms, rotary, SwiGLU, routing) fused into a few
-        kernels. Prefill and training stay eager. The first step compiles (tens of seconds); a new cache
-        capacity recompiles once with that size symbolic. `options` go to `torch.compile`."""
+        kernels. Prefill and training stay eager. The first step compiles (tens of seconds); the cache capacity
+        is symbolic, so later calls with other lengths reuse it. `options` go to `torch.compile`."""
         if not enable:
             self.compiled_step = None
             return
         # Thinker, talker and code predictor steps (and their batch sizes) each add entries for the one
         # `run_layer` code object; the default limit of 8 would silently send later ones back to eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(config, name, max(getattr(config, name), 64))
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.prepare_compile()
         self.compiled_step = torch.compile(run_layer, **options)
+
+    @staticmethod
+    def _layer_kv(cache: KVCache | None, i: int, compiled: bool) -> LayerKV | None:
+        if cache is None:
+            return None
+        kv = cache.layer(i)
+        if compiled:
+            torch._dynamo.maybe_mark_dynamic(kv.keys, 2)
+            torch._dynamo.maybe_mark_dynamic(kv.values, 2)
+        return kv
 
     def set_attention_backend(self, backend: str) -> None:
         for layer in self.layers:
@@ -118,13 +133,18 @@ class DecoderStack(nn.Module):
         else:
             mask = decoder_mask(key_valid, T, start, window, x.device)
         rope = self.rotary(position_ids, dtype=x.dtype)
-        step = self.compiled_step if cache is not None and cache.static and self.compiled_step else run_layer
+        step = run_layer
+        if cache is not None and cache.static and self.compiled_step is not None:
+            step = self.compiled_step
+            # The cache's capacity differs between calls (prompt + max_new_tokens): make it symbolic from the
+            # start, so one compiled graph serves every capacity instead of one compile per size.
+            torch._dynamo.maybe_mark_dynamic(mask, 3)
         hidden, routers = [x] if output_hidden_states else None, [] if output_router_logits else None
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
                 x, logits = checkpoint(layer, x, rope, mask, None, use_reentrant=False)
             else:
-                x, logits = step(layer, x, rope, mask, cache.layer(i) if cache is not None else None)
+                x, logits = step(layer, x, rope, mask, self._layer_kv(cache, i, step is not run_layer))
             if hidden is not None:
                 hidden.append(x)
             if routers is not None and logits is not None:

@@ -91,6 +91,13 @@ class Experts(nn.Module):
         self.dispatch = "auto"
         # Up to this many tokens a CPU call loops over pairs; beyond, it groups them by expert.
         self.pairs_limit = 4
+        # Used inside torch.compile, where only sync-free strategies fit; set by `prepare_compile` (outside the
+        # graph: it reads the device's capability).
+        self.compiled_dispatch = "gathered"
+
+    def prepare_compile(self) -> None:
+        probe = self.gate_up_proj[:1, :1, 0]
+        self.compiled_dispatch = "grouped_mm" if grouped_mm_usable(probe, self.gate_up_proj) else "gathered"
 
     def _swiglu(self, gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """act(gate) * up (* scale), in place on the activation's output when no gradient is recorded."""
@@ -110,7 +117,7 @@ class Experts(nn.Module):
         if self.dispatch != "auto":
             return self.dispatch
         if torch.compiler.is_compiling():  # no host reads inside a compiled graph
-            return "grouped_mm" if grouped_mm_usable(x_NH, self.gate_up_proj) else "gathered"
+            return self.compiled_dispatch
         if x_NH.device.type == "cpu":
             return "pairs" if x_NH.shape[0] <= self.pairs_limit else "sorted"
         if grouped_mm_usable(x_NH, self.gate_up_proj):
