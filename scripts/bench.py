@@ -15,7 +15,8 @@ workload: the reference at the requested size, ours sharing its tensors (see _be
   B  thinker greedy decode of 64 tokens after a 128-token prompt, same config, plus the decode roofline: bytes
      one step must read / the matrix-vector bandwidth measured here (best of 7 passes over a 1.5 GB matrix;
      the fraction against the median pass is printed too)
-  C  thinker decode at 48 layers with small widths (hidden 256, 128 experts x 64, top-8, 4/2 heads)
+  C  thinker decode at 48 layers with small widths (hidden 256, 128 experts x 64, top-8, 4/2 heads); then again
+     with our opt-in compiled decode step (`compile_decoding`: torch.compile'd layers over a static cache)
   D  one speech frame: the 15-step code predictor (5 layers, hidden 1024) + a talker step (2 layers, real widths)
   E  Code2Wav at the real config: 100 frames offline; per-frame cost of the streaming decoder vs re-decoding
      25 frames of left context for each new frame (what a chunked streamer without state must do)
@@ -247,6 +248,22 @@ def workload_c(args, sz):
         tokens_per_s=round(1 / statistics.median(steps_ours), 2),
         reference_tokens_per_s=round(1 / statistics.median(steps_ref), 2), reference_experts=experts_impl_of(ref),
     )
+    if args.no_compile:
+        return
+    # The same, with our opt-in compiled decode step (`compile_decoding`; the warm-up compiles). The reference
+    # is timed again alongside, interleaved as above.
+    ours.model.compile_decode_step()
+    start = time.perf_counter()
+    decode_pair(ours, ref, ids, 2)[0]()
+    compile_s = time.perf_counter() - start
+    steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["C_new"])
+    ours.model.compile_decode_step(False)
+    U.report(
+        "C thinker decode, 48 small layers, ours compiled", "s/token", steps_ours, steps_ref, layers=sz["C_layers"],
+        vocab=vocab, new_tokens=sz["C_new"], same_tokens=same, compile_seconds=round(compile_s, 1),
+        tokens_per_s=round(1 / statistics.median(steps_ours), 2),
+        reference_tokens_per_s=round(1 / statistics.median(steps_ref), 2), reference_experts=experts_impl_of(ref),
+    )
 
 
 # ---- one speech frame ----------------------------------------------------------------------------------------------
@@ -274,6 +291,9 @@ class OurFrames:
         self.deltas = rope_deltas(torch.arange(T).expand(3, 1, T))
         self.hidden, self.code0 = out.last_hidden_state[:, -1], out.logits[:, -1].argmax(-1)
         self.cp_cache = talker.code_predictor.new_cache(1)
+        if talker.model.compiled_step is not None:  # compiled layer steps run over static caches (as generation does)
+            self.cache.set_static(True)
+            self.cp_cache.set_static(True)
         self.pad = torch.zeros(1, prompt_embeds.shape[-1])
         self.codes = []
 
@@ -479,6 +499,7 @@ def main(argv=None):
                     help="C's vocabulary (default: the real 152064; the LM head is then ~1/3 of a step)")
     ap.add_argument("--reference-experts", default=None,
                     help="the reference's experts_implementation (default: its own default, grouped_mm)")
+    ap.add_argument("--no-compile", action="store_true", help="skip C's second line (ours with compile_decoding)")
     ap.add_argument("--tmp", default=None, help="where F writes its synthetic checkpoint (default: $TMPDIR)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:

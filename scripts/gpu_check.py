@@ -271,7 +271,7 @@ def section_decode(model, args, dev: Device, budget: Budget) -> None:
     prompt = random_ids(32 if not args.dry_run else 8, 1, dev.device)
     n = args.decode_tokens
     per_step, eager_tokens = eager_decode_seconds(thinker, prompt, n, dev)
-    if PASS["tag"]:
+    if PASS["tag"] and "t" in EAGER_TOKENS:
         say("thinker decode", first_tokens_equal_to_uncompiled_eager=_agreement(eager_tokens, EAGER_TOKENS["t"]))
     else:
         EAGER_TOKENS["t"] = eager_tokens
@@ -305,11 +305,37 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(same.cumprod(0).sum())
 
 
+@torch.no_grad()
+def decode_step_logits(thinker, prompt: torch.Tensor) -> torch.Tensor:
+    """Float logits of one static-cache decode step after `prompt` (compiled layers if the stack has them)."""
+    cache = thinker.model.new_cache(1, prompt.shape[1] + 4)
+    out = thinker(input_ids=prompt, cache=cache, logits_to_keep=1)
+    cache.set_static(True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    step = thinker(input_ids=token, position_ids=out.position_ids[..., -1:] + 1, cache=cache, logits_to_keep=1)
+    return step.logits[0, -1].float()
+
+
 def section_compiled_pass(model, cfg, args, dev: Device, budget: Budget) -> None:
     """`model.compile_decoding()`, then the decode, speech and stream measurements again: each decode step's
     layers through one torch.compile'd layer step per stack, inside the same CUDA graphs."""
+    prompt = random_ids(40, 11, dev.device)
+    eager_logits = decode_step_logits(model.thinker, prompt)
+    for m in model.thinker.modules():  # the bf16 noise floor: the same step with another (exact) MoE dispatch
+        if hasattr(m, "compiled_dispatch"):
+            m.dispatch = "gathered"
+    other_dispatch = decode_step_logits(model.thinker, prompt)
+    for m in model.thinker.modules():
+        if hasattr(m, "compiled_dispatch"):
+            m.dispatch = "auto"
     t = time.perf_counter()
     model.compile_decoding()
+    compiled_logits = decode_step_logits(model.thinker, prompt)
+    scale = eager_logits.abs().max()
+    say("compiled pass", decode_step_logits_max_rel_diff_compiled_vs_eager=round(float(
+        (compiled_logits - eager_logits).abs().max() / scale), 5), noise_floor_other_moe_dispatch=round(float(
+        (other_dispatch - eager_logits).abs().max() / scale), 5), same_argmax=bool(
+        compiled_logits.argmax() == eager_logits.argmax()))
     PASS["tag"] = "compiled"
     try:
         with torch.no_grad():  # compile here (thinker, talker, predictor), not inside a timing
@@ -321,8 +347,62 @@ def section_compiled_pass(model, cfg, args, dev: Device, budget: Budget) -> None
         section_decode(model, args, dev, budget)
         section_rtf(model, args, dev, budget)
         section_first_audio_stream(model, cfg, args, dev)
+        if args.profile_stream:
+            section_profile_stream(model, cfg, args, dev)
     finally:
         PASS["tag"] = ""
+
+
+def section_profile_stream(model, cfg, args, dev: Device) -> None:
+    """Where a warm `stream` call spends its wall time: torch.profiler over one call, with the library's stages
+    labelled (wrapped here, not in the library), plus GPU busy time. Prints the top entries."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from qwen3omni.generation import graphs, pipeline, speech, text
+    from qwen3omni.model import code2wav
+
+    originals = []
+
+    def label(owner, name, tag):
+        fn = getattr(owner, name)
+        originals.append((owner, name, fn))
+
+        def wrapped(*a, **k):
+            with record_function(tag):
+                return fn(*a, **k)
+
+        setattr(owner, name, wrapped)
+
+    label(graphs.PredictorRunner, "run", "L:predictor_runner.run")
+    label(graphs.StaticDecoder, "__call__", "L:static_decoder_step")
+    label(code2wav.StreamingDecoder, "push", "L:code2wav.push")
+    label(pipeline, "project_text", "L:project_text")
+    label(speech, "next_token", "L:talker_next_token")
+    label(text, "next_token", "L:thinker_next_token")
+    prompt = chat_prompt(cfg, 12, 3, dev.device)
+    kwargs = dict(max_new_tokens=args.stream_tokens, do_sample=False, talker_do_sample=False,
+                  talker_max_new_tokens=args.stream_frames)
+    try:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.cuda else [])
+        with torch.no_grad(), profile(activities=activities) as prof:
+            start = time.perf_counter()
+            events = list(model.stream(input_ids=prompt, **kwargs))
+            dev.sync()
+            wall = time.perf_counter() - start
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    frames = sum(e.data.numel() for e in events if e.kind == "audio") / 1920
+    table = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in table if e.device_type.name == "CUDA") if dev.cuda else 0
+    say("stream profile", wall_ms=round(wall * 1e3, 1), frames=round(frames, 1),
+        gpu_kernel_ms=round(gpu_us / 1e3, 1), wall_ms_per_frame=round(wall * 1e3 / max(frames, 1), 2))
+    rows = sorted(table, key=lambda e: -e.cpu_time_total)
+    keep = [e for e in rows if e.key.startswith("L:") or e.key.startswith("cuda")][:14]
+    keep += [e for e in rows if not e.key.startswith(("L:", "cuda"))][:12]
+    for e in keep:
+        say("stream profile", op=e.key[:60], calls=e.count, cpu_total_ms=round(e.cpu_time_total / 1e3, 2),
+            cpu_self_ms=round(e.self_cpu_time_total / 1e3, 2))
 
 
 # ---- 2. prefill ----------------------------------------------------------------------------------------------------
@@ -631,6 +711,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="then the decode and speech sections again after "
                     "model.compile_decoding() (torch.compile'd layer steps inside the CUDA graphs)")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--compiled-only", action="store_true", help="with --compile: skip the first pass's sections")
+    ap.add_argument("--profile-stream", action="store_true", help="in the compiled pass, profile one stream call")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.decode_tokens, args.prefill_tokens, args.speech_frames = 12, 64, 6
@@ -655,7 +737,8 @@ def main(argv=None):
             say("build", seconds=round(time.perf_counter() - t, 1), parameters_billion=round(params / 1e9, 3),
                 attention=backend, thinker_layers=cfg["thinker_config"]["text_config"]["num_hidden_layers"],
                 peak_gb=dev.peak_gb())
-    if model is not None:
+    first_pass = not (args.compile and args.compiled_only)
+    if model is not None and first_pass:
         with budget.section("thinker decode", 60) as ok:
             if ok:
                 section_decode(model, args, dev, budget)
@@ -671,6 +754,7 @@ def main(argv=None):
         with budget.section("first audio (stream)", 40) as ok:
             if ok:
                 section_first_audio_stream(model, cfg, args, dev)
+    if model is not None:
         if args.compile:
             with budget.section("compiled pass", 150 if not args.skip_reference else 60) as ok:
                 if ok:

@@ -92,26 +92,30 @@ class StaticDecoder:
 
 
 class PredictorRunner:
-    """The code predictor's 15 steps for one frame over persistent buffers, each step a captured graph.
+    """The code predictor's 15 steps for one frame over persistent buffers, captured as CUDA graphs.
 
-    Offsets are fixed per step (the prompt at 0-1, code s at s+1), so the cache needs no device-side offset.
+    Offsets are fixed per step (the prompt at 0-1, code s at s+1), so every step can be captured once. When
+    sampling, each step is its own graph and the draw happens between replays (any knob, any `generator`);
+    greedy frames are one graph for all 15 steps, argmax and embedding lookups included.
     Built once per (batch, dtype, device) and reused for every frame and every call.
     """
 
     def __init__(self, predictor, batch: int, dtype, device, capture: bool = True):
-        capture = capture and torch.device(device).type == "cuda"
+        self.capture = capture and torch.device(device).type == "cuda"
         self.predictor = predictor
         cfg = predictor.config
         G, C = predictor.num_residual + 1, cfg.hidden_size
         self.seq = torch.zeros(batch, G + 1, C, dtype=dtype, device=device)
+        self.codes = torch.zeros(batch, predictor.num_residual, dtype=torch.long, device=device)
         self.cache = predictor.new_cache(batch, dtype, device)
         # Static: each step sets the offset on the device (a captured fill) and the layers see only tensors,
         # so a compiled layer step (`compile_decode_step`) serves all 15 steps.
         self.cache.set_static(True)
         self.positions = torch.arange(G, device=device).view(1, 1, G).expand(1, batch, G).contiguous()
         self.logits: list[torch.Tensor | None] = [None] * predictor.num_residual
-        pool = torch.cuda.graph_pool_handle() if capture else None
-        self.steps = [Captured(self._step(s), capture, pool) for s in range(predictor.num_residual)]
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.steps = [Captured(self._step(s), self.capture, self.pool) for s in range(predictor.num_residual)]
+        self.greedy: Captured | None = None  # built on the first greedy frame
 
     def _step(self, s: int):
         def step():
@@ -119,19 +123,28 @@ class PredictorRunner:
 
         return step
 
+    def _feed(self, s: int, code: torch.Tensor) -> None:
+        self.codes[:, s] = code
+        self.seq[:, s + 2] = self.predictor.model.codec_embedding[s](code)
+
+    def _greedy_frame(self) -> None:
+        for s in range(self.predictor.num_residual):
+            self._feed(s, self.predictor.step_logits(s, self.seq, self.positions, self.cache).argmax(-1))
+
     @torch.no_grad()
     def run(self, hidden_BC, layer0_embed_BC, sampling: SamplingConfig, generator=None):
         """Codes [B, 15] of one frame and the embeddings [B, 16, C] of its codes (see CodePredictor.predict)."""
-        p = self.predictor
         self.seq[:, 0].copy_(hidden_BC)
         self.seq[:, 1].copy_(layer0_embed_BC)
-        codes = torch.empty(self.seq.shape[0], p.num_residual, dtype=torch.long, device=self.seq.device)
-        for s, step in enumerate(self.steps):
-            step()
-            code = choose(self.logits[s], sampling, generator)
-            codes[:, s] = code
-            self.seq[:, s + 2] = p.model.codec_embedding[s](code)
-        return codes, self.seq[:, 1:].clone()
+        if not sampling.do_sample:
+            if self.greedy is None:
+                self.greedy = Captured(self._greedy_frame, self.capture, self.pool)
+            self.greedy()
+        else:
+            for s, step in enumerate(self.steps):
+                step()
+                self._feed(s, choose(self.logits[s], sampling, generator))
+        return self.codes.clone(), self.seq[:, 1:].clone()
 
 
 def predictor_runner(predictor, batch: int, dtype, device, capture: bool = True) -> PredictorRunner:
