@@ -155,7 +155,7 @@ def count_frames(model):
     return calls, lambda: setattr(model.talker, "predict_residual", original)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 5])
+@pytest.mark.parametrize("chunk", [1, 3, 8])
 def test_stream_matches_generate_and_starts_early(pair, chunk):
     batch = pair.processor(user(text("Tell me a story about a cat.")))
     offline = pair.ours.generate(**batch, max_new_tokens=12, talker_do_sample=False, talker_max_new_tokens=24)
@@ -177,9 +177,13 @@ def test_stream_matches_generate_and_starts_early(pair, chunk):
     assert audio.shape == full.shape == offline.audio[0].shape
     assert (audio - full).abs().max() < WAVE_TOL
     assert (audio - offline.audio[0]).abs().max() < WAVE_TOL
-    # the first frame alone, then `chunk` frames per push (the last push may be shorter)
-    frames = offline.codes[0].shape[-1]
-    assert sum(e.kind == "audio" for e in events) == 1 + -(-(frames - 1) // chunk)
+    # pushes of 1, 2, 4, ... frames up to `chunk` (the last push may be shorter)
+    sizes, left, size = [], offline.codes[0].shape[-1], 1
+    while left > 0:
+        sizes.append(min(size, left))
+        left, size = left - size, min(2 * size, chunk)
+    assert [e.data.numel() for e in events if e.kind == "audio"][1:-1] == [1920 * n for n in sizes[1:-1]]
+    assert sum(e.kind == "audio" for e in events) == len(sizes)
 
 
 def test_stream_text_only(pair):

@@ -99,7 +99,7 @@ class Qwen3Omni(nn.Module):
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Like `generate` (batch size 1), but yields `StreamEvent(kind, data)` as soon as each piece is ready:
         ("text", new token ids) and ("audio", new 24 kHz samples). Speech starts after the first codec frame;
-        later frames are vocoded `audio_chunk_frames` (default 4) at a time."""
+        later pushes to Code2Wav double in size up to `audio_chunk_frames` (default 8) frames."""
         from ..generation.pipeline import stream
 
         yield from stream(self, input_ids, attention_mask, **kwargs)
