@@ -141,19 +141,24 @@ class Experts(nn.Module):
         ids = routing.experts.flatten()
         order = torch.argsort(ids, stable=True)
         token = order // k
+        scale = routing.weights.flatten()[order].unsqueeze(-1)
         counts = torch.bincount(ids, minlength=self.gate_up_proj.shape[0]).tolist()
-        groups, start = [], 0
-        for expert, n in enumerate(counts):
-            if n:
-                groups.append((expert, start, start + n))
-                start += n
-        x_sorted = x_NH.index_select(0, token)
         up, down = self.gate_up_proj, self.down_proj
-        gate_up = torch.cat([_times_transposed(x_sorted[a:b], up[e]) for e, a, b in groups])
-        # The routing weight scales the narrow hidden activation rather than the wider output (same product).
-        h = self._swiglu(gate_up, routing.weights.flatten()[order].unsqueeze(-1))
-        y_sorted = torch.cat([_times_transposed(h[a:b], down[e]) for e, a, b in groups])
-        return torch.zeros_like(x_NH).index_add_(0, token, y_sorted.to(x_NH.dtype))
+        out = torch.zeros_like(x_NH)
+        # One expert at a time, gathering its rows and adding its outputs straight back: every temporary is
+        # one group's size. (Gathering all pairs first makes tens-of-MB temporaries per layer at prefill
+        # sizes, and on CPU each fresh one of those costs page faults comparable to the products.) Each token
+        # still sums its experts in ascending id order.
+        start = 0
+        for expert, n in enumerate(counts):
+            if not n:
+                continue
+            rows = token[start : start + n]
+            # The routing weight scales the narrow hidden activation rather than the wider output (same product).
+            h = self._swiglu(_times_transposed(x_NH.index_select(0, rows), up[expert]), scale[start : start + n])
+            out.index_add_(0, rows, _times_transposed(h, down[expert]).to(x_NH.dtype))
+            start += n
+        return out
 
     def _grouped_mm(self, x_NH, routing):
         N, k = routing.experts.shape
