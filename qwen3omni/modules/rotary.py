@@ -98,12 +98,13 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` (last dim = head_dim) by tables already broadcastable to it; math in the tables' dtype."""
     xc = x.to(cos.dtype)
-    return (xc * cos + rotate_half(xc) * sin).to(x.dtype)
+    # x * cos + cat(-x2, x1) * sin, written into one buffer (no concatenated copy of x: at prefill sizes the
+    # temporaries cost more than the arithmetic).
+    half = xc.shape[-1] // 2
+    out = xc * cos
+    out[..., :half].addcmul_(xc[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(xc[..., :half], sin[..., half:])
+    return out.to(x.dtype)
