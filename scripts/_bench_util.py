@@ -228,6 +228,9 @@ def stats(times: list[float]) -> dict:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
 
 
+REPORTS: list[dict] = []  # every line printed by `report`, for the closing table
+
+
 def report(workload: str, unit: str, ours: list[float], ref: list[float] | None, **extra) -> dict:
     """Print and return one JSON line: medians, min/max and ratio = reference / ours (> 1: we are faster)."""
     line = {"workload": workload, "unit": unit, "ours": _round(stats(ours))}
@@ -236,7 +239,17 @@ def report(workload: str, unit: str, ours: list[float], ref: list[float] | None,
         line["ratio"] = round(statistics.median(ref) / statistics.median(ours), 3)
     line.update(extra)
     print(json.dumps(line), flush=True)
+    REPORTS.append(line)
     return line
+
+
+def print_table() -> None:
+    """The reported lines as one markdown table: medians and the ratio (reference / ours)."""
+    print("\n| workload | unit | ours (median) | reference (median) | ratio |\n| --- | --- | --- | --- | --- |")
+    for line in REPORTS:
+        ref = line.get("reference", {}).get("median")
+        print(f"| {line['workload']} | {line['unit']} | {line['ours']['median']:.4g} | "
+              f"{'' if ref is None else f'{ref:.4g}'} | {line.get('ratio', '')} |")
 
 
 def _round(d: dict) -> dict:

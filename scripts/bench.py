@@ -515,6 +515,7 @@ def main(argv=None):
         WORKLOADS[name](args, sz)
         gc.collect()
         U.note(f"workload {name} took {time.perf_counter() - start:.0f} s")
+    U.print_table()
 
 
 if __name__ == "__main__":

@@ -50,3 +50,18 @@ def test_compiled_decode_steps_equal_eager(tiny_model, monkeypatch):
     assert torch.equal(compiled.sequences, eager.sequences)
     assert torch.equal(compiled.codes[0], eager.codes[0])
     assert (compiled.audio[0] - eager.audio[0]).abs().max() < 1e-4
+
+
+def test_predictor_runner_follows_the_layer_step(tiny_model):
+    from qwen3omni.generation.graphs import predictor_runner
+
+    predictor = tiny_model.talker.code_predictor
+    eager = predictor_runner(predictor, 1, torch.float32, "cpu")
+    assert predictor_runner(predictor, 1, torch.float32, "cpu") is eager
+    predictor.model.compile_decode_step()
+    try:
+        # graphs captured with the eager layers must not be replayed once the layers are compiled
+        assert predictor_runner(predictor, 1, torch.float32, "cpu") is not eager
+    finally:
+        predictor.model.compile_decode_step(False)
+    assert predictor_runner(predictor, 1, torch.float32, "cpu") is eager

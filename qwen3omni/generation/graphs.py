@@ -148,8 +148,9 @@ class PredictorRunner:
 
 
 def predictor_runner(predictor, batch: int, dtype, device, capture: bool = True) -> PredictorRunner:
-    """The runner for this batch/dtype/device (captured or not), built on first use and kept on the module."""
-    key = (batch, dtype, str(device), capture)
+    """The runner for this batch/dtype/device (captured or not), built on first use and kept on the module.
+    Its graphs record the layer step of the moment, so `compile_decode_step` (on or off) gets a new one."""
+    key = (batch, dtype, str(device), capture, predictor.model.compiled_step)
     runners = predictor.__dict__.setdefault("_runners", {})
     if key not in runners:
         runners[key] = PredictorRunner(predictor, batch, dtype, device, capture)
