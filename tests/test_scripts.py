@@ -45,3 +45,16 @@ def test_bench_quick_speech_frame_matches_reference(scripts_path, capsys):
     (line,) = json_lines(capsys.readouterr().out)
     assert line["same_codes"] is True
     assert line["ours"]["n"] == 1 and line["reference"]["n"] == 1 and line["ratio"] > 0
+
+
+def test_gpu_check_dry_run_compiled_pass(scripts_path, capsys):
+    import gpu_check
+
+    gpu_check.main(["--dry-run", "--compile", "--compiled-only", "--profile-stream", "--skip-reference",
+                    "--speech-frames", "8"])
+    lines = json_lines(capsys.readouterr().out)
+    compiled = [line for line in lines if line["section"] == "compiled pass"]
+    assert compiled and compiled[0]["same_argmax"] is True
+    summary = next(line for line in lines if line["section"] == "summary")
+    assert "thinker_decode_tokens_per_s_compiled" in summary and "stream_real_time_factor_compiled" in summary
+    assert any(line["section"] == "stream profile" for line in lines)
