@@ -146,16 +146,22 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         return _DTYPES[self.entries[name]["dtype"]]
 
-    def read_into(self, name: str, dest: torch.Tensor, fd: int, staging) -> None:
-        """Fill `dest` (contiguous, right shape) with tensor `name`, converting dtype/device if needed.
+    def read_into(self, name: str, dest: torch.Tensor, fd: int, staging, first_row: int = 0) -> None:
+        """Fill `dest` (contiguous, right shape) with tensor `name`, converting dtype/device if needed; with
+        `first_row`, `dest` holds `dest.shape[0]` consecutive rows (dim 0) from that row on (a rank's shard).
 
         Reads with `os.preadv` at the tensor's offset (no shared file position), so several threads can fill
         different tensors from one open file; `staging` is the calling thread's scratch (an object whose `buf`
         attribute holds a reusable byte buffer for tensors that need a dtype or device conversion).
         """
         begin, end = self.entries[name]["data_offsets"]
-        offset, nbytes = self.data_start + begin, end - begin
         src_dtype = self.dtype(name)
+        shape = self.shape(name)
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+        offset = self.data_start + begin + first_row * row_bytes
+        nbytes = dest.numel() * src_dtype.itemsize
+        if offset + nbytes > self.data_start + end:
+            raise CheckpointError(f"{self.path}: rows {first_row}.. of {name!r} {shape} do not fit {list(dest.shape)}")
         if dest.device.type == "cpu" and dest.dtype == src_dtype and dest.is_contiguous():
             self._read_exact(fd, dest.view(-1).view(torch.uint8), offset, nbytes, name)
             return
@@ -271,6 +277,69 @@ def load_state(
                     future.result()
             finally:
                 os.close(fd)
+
+
+# ---- loading into a sharded model (FSDP2) ------------------------------------------------------------------
+def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's part, index of its first row): a dim-0 sharded DTensor's local chunk, or the whole tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(tensor, DTensor):
+        return tensor, 0
+    if tuple(tensor.placements) != (Shard(0),):
+        raise CheckpointError(f"sharded load: expected parameters sharded on dim 0, got {tensor.placements}")
+    local = tensor.to_local()
+    chunk = -(-tensor.shape[0] // tensor.device_mesh.size())  # torch.chunk's split, as FSDP2 shards
+    start = min(tensor.device_mesh.get_local_rank() * chunk, tensor.shape[0])
+    if local.shape[0] != max(0, min(chunk, tensor.shape[0] - start)):
+        raise CheckpointError(f"sharded load: unexpected local shard {list(local.shape)} of {list(tensor.shape)}")
+    return local, start
+
+
+def load_state_sharded(
+    model: nn.Module, folder: str | Path, prefixes: Iterable[str] | None = None, strict: bool = True
+) -> None:
+    """`load_state` for a model whose parameters are dim-0 sharded DTensors (after `fully_shard` on a model
+    built on `meta` and `to_empty`): each rank reads only the rows it holds (for stacked experts, only its
+    experts' tensors), so no rank ever holds more than its shard. Buffers and unsharded tensors are read whole."""
+    files = checkpoint_files(folder)
+    keep = tuple(prefixes) if prefixes is not None else None
+    wanted = {n: p for n, p in files.items() if keep is None or n.startswith(keep)}
+    expected = {}
+    for name, tensor in model.state_dict().items():
+        for disk, part in ExpertLayout.export(name, torch.empty(tensor.shape, device="meta")).items():
+            expected[disk] = list(part.shape)
+    headers = {p: SafetensorsFile(p) for p in sorted(set(wanted.values()))}
+    _check_names(expected, wanted, headers, strict)
+    local = {name: _local_rows(t) for name, t in model.state_dict().items()}
+    staging = threading.local()
+    for path in sorted({wanted[n] for n in wanted if n in expected}):
+        shard = headers[path]
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            for name in sorted((n for n in shard.entries if n in expected and wanted.get(n) == path),
+                               key=lambda n: shard.entries[n]["data_offsets"][0]):
+                dest, first_row = _shard_destination(local, name)
+                if dest is not None and dest.numel():
+                    with torch.no_grad():
+                        shard.read_into(name, dest, fd, staging, first_row)
+        finally:
+            os.close(fd)
+
+
+def _shard_destination(local: dict, disk_name: str) -> tuple[torch.Tensor | None, int]:
+    """Where this rank puts released tensor `disk_name`, and from which of its rows (None: not on this rank)."""
+    m = ExpertLayout.disk.match(disk_name)
+    if m is None:
+        return local[disk_name]
+    e, proj = int(m["expert"]), m["proj"]
+    rows, start = local[f"{m['prefix']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"]
+    if not start <= e < start + rows.shape[0]:
+        return None, 0
+    if proj == "down_proj":
+        return rows[e - start], 0
+    gate, up = rows[e - start].chunk(2, dim=0)
+    return (gate if proj == "gate_proj" else up), 0
 
 
 def _check_names(expected: dict, wanted: dict, headers: dict, strict: bool) -> None:

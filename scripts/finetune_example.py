@@ -8,7 +8,8 @@
 Each example is (conversation prompt, answer tokens, answer speech codes [16, T]); here they are random, in
 the released token layout. The loss is the thinker's LM loss on the answer (when the thinker trains) plus
 `talker_loss` (codec layer 0 + the 15 residual codebooks). Under torchrun every rank takes its own rows and
-FSDP2 (`qwen3omni.training.shard_model`) shards each transformer layer across the ranks.
+FSDP2 (`qwen3omni.training.shard_model`) shards each transformer layer across the ranks; with --model, each rank
+reads only its own shards of the checkpoint (`load_sharded`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from qwen3omni.model.omni import Qwen3Omni
 from qwen3omni.training import (
+    load_sharded,
     set_gradient_checkpointing,
     shard_model,
     synthetic_example,
@@ -78,11 +80,18 @@ def main(argv=None) -> dict:
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(args.device)
     torch.manual_seed(0)
-    model = build_model(args).train()
+    if distributed and args.model:  # each rank reads only its shards: no rank holds the whole model
+        step_fn = load_sharded(args.model, training_loss, dtype=getattr(torch, args.dtype), device=args.device)
+        model = step_fn.model.train()
+    else:
+        model = build_model(args).train()
     trained = train_only(model, *args.train)
     if args.gradient_checkpointing:
         set_gradient_checkpointing(model)
-    step_fn = shard_model(model, training_loss) if distributed else (lambda *a: training_loss(model, *a))
+    if distributed and not args.model:
+        step_fn = shard_model(model, training_loss)
+    elif not distributed:
+        step_fn = lambda *a: training_loss(model, *a)  # noqa: E731
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     batch, answer, codes = synthetic_example(model.config, args.batch, frames=args.frames, seed=rank)

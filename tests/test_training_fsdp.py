@@ -3,6 +3,8 @@ every transformer layer, each rank on its own row of a 2-row batch; one process 
 
 Step-1 loss and gradients, the losses of steps 2 and 3 and the saved weights after 3 SGD steps agree within
 1e-5 relative (the rows have equal lengths, so the mean of the ranks' mean losses is the full batch's mean).
+Two ways in: every rank loads the whole model and shards it, or `load_sharded` (built on meta, sharded, each
+rank reading only its rows), whose gathered weights must equal a whole load exactly.
 This file is also the worker script that torchrun runs.
 """
 
@@ -14,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from qwen3omni.training import synthetic_example, talker_loss, with_answer
@@ -38,20 +41,31 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---- the worker (one per rank) ------------------------------------------------------------------------------
-def worker(checkpoint: str, out: str) -> None:
+def worker(checkpoint: str, out: str, load: str) -> None:
     import torch.distributed as dist
 
     from qwen3omni.model.omni import Qwen3Omni
-    from qwen3omni.training import save_sharded, shard_model
+    from qwen3omni.training import full_state_dict, load_sharded, save_sharded, shard_model
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    model = Qwen3Omni.from_pretrained(checkpoint, dtype=torch.float32).train()
+    loaded_exactly = None
+    if load == "whole":  # every rank loads the whole model, then shards it
+        model = Qwen3Omni.from_pretrained(checkpoint, dtype=torch.float32).train()
+        step = shard_model(model, training_loss)
+    else:  # built on meta, sharded, each rank reads only its rows
+        step = load_sharded(checkpoint, training_loss, dtype=torch.float32)
+        model = step.model.train()
+        held = sum(p.to_local().numel() for p in model.parameters())
+        assert held < 0.6 * sum(p.numel() for p in model.parameters()), held  # about half, on each of 2 ranks
+        full = full_state_dict(model, released_names=False)
+        if rank == 0:
+            whole = Qwen3Omni.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
+            loaded_exactly = full.keys() == whole.keys() and all(torch.equal(full[n], whole[n]) for n in whole)
     batch, answer, codes = example(model.config)
     mine = slice(rank, rank + 1)
     batch = {k: v[mine] for k, v in batch.items()}
-    step = shard_model(model, training_loss)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     losses, grads = [], {}
     for i in range(STEPS):
@@ -66,7 +80,8 @@ def worker(checkpoint: str, out: str) -> None:
         losses.append(mean / world)
     save_sharded(model, Path(out) / "saved")
     if rank == 0:
-        torch.save({"losses": torch.stack(losses), "grads": grads, "world": world}, Path(out) / "result.pt")
+        torch.save({"losses": torch.stack(losses), "grads": grads, "world": world, "loaded_exactly": loaded_exactly},
+                   Path(out) / "result.pt")
     dist.destroy_process_group()
 
 
@@ -86,14 +101,16 @@ def single_process(model):
     return torch.stack(losses), grads
 
 
-def test_fsdp2_two_ranks_match_one_process(tiny_checkpoint, tiny_model, tmp_path):
+@pytest.mark.parametrize("load", ["whole", "sharded"])
+def test_fsdp2_two_ranks_match_one_process(tiny_checkpoint, tiny_model, tmp_path, load):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
-           str(tiny_checkpoint.path), str(tmp_path)]
+           str(tiny_checkpoint.path), str(tmp_path), load]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     result = torch.load(tmp_path / "result.pt")
     assert result["world"] == 2
+    assert result["loaded_exactly"] is (None if load == "whole" else True)
 
     model = copy.deepcopy(tiny_model).train()
     losses, grads = single_process(model)
@@ -116,4 +133,4 @@ def test_fsdp2_two_ranks_match_one_process(tiny_checkpoint, tiny_model, tmp_path
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    worker(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -7,7 +7,7 @@
 """
 
 from .data import synthetic_example, with_answer
-from .distributed import LossModule, full_state_dict, layer_units, save_sharded, shard_model
+from .distributed import LossModule, full_state_dict, layer_units, load_sharded, save_sharded, shard_model
 from .freezing import (
     decoder_stacks,
     freeze,
@@ -26,7 +26,7 @@ from .talker_loss import TalkerLossOutput, talker_loss
 __all__ = [
     "ATTENTION", "DENSE_MLP", "IGNORE_INDEX", "TALKER_INPUTS", "TALKER_TARGETS", "LossModule", "TalkerLossOutput",
     "causal_lm_loss", "changed_tensors", "decoder_stacks", "freeze", "full_state_dict", "layer_units",
-    "linear_names", "load_balancing_loss", "save_merged", "save_sharded", "select_parameters",
+    "linear_names", "load_balancing_loss", "load_sharded", "save_merged", "save_sharded", "select_parameters",
     "set_gradient_checkpointing", "set_trainable", "shard_model", "synthetic_example", "talker_loss", "train_only",
     "trainable_parameters", "unfreeze", "with_answer",
 ]

@@ -20,8 +20,12 @@ layers (embeddings, heads, norms, projections) form the root's group.
 Data parallelism: each rank computes the mean loss of its own rows and FSDP averages the gradients over the
 ranks, which is the gradient of the whole batch's mean when every rank holds as many target tokens (pad or
 weight the losses otherwise). The MoE load-balancing loss is computed per rank, over the rank's tokens.
-The model is loaded whole on every rank before sharding; for the 30B release, build it on `meta`, shard, then
-fill it (e.g. `torch.distributed.checkpoint.state_dict.set_model_state_dict(..., broadcast_from_rank0=True)`).
+For the 30B release, `load_sharded` replaces the first two lines: it builds the model on `meta`, shards it,
+and each rank reads only its own rows of every tensor from the checkpoint (its experts' tensors, for the
+stacked experts), so no rank ever holds the whole model:
+
+    step = load_sharded(path, my_loss, dtype=torch.bfloat16, device=f"cuda:{local_rank}")
+    model = step.model
 """
 
 from __future__ import annotations
@@ -73,6 +77,41 @@ def shard_model(model: nn.Module, loss_fn: Callable, mesh=None, **fsdp_kwargs) -
         fully_shard(unit, mesh=mesh, **fsdp_kwargs)
     root = LossModule(model, loss_fn)
     fully_shard(root, mesh=mesh, **fsdp_kwargs)
+    return root
+
+
+def load_sharded(
+    path,
+    loss_fn: Callable,
+    dtype: torch.dtype | None = None,
+    device=None,
+    components=None,
+    mesh=None,
+    strict: bool = True,
+    **fsdp_kwargs,
+) -> LossModule:
+    """`Qwen3Omni.from_pretrained` + `shard_model` without a whole copy on any rank (a collective: every rank
+    calls it): build on `meta`, `fully_shard`, allocate each rank's shards on `device`, then read each rank's
+    rows straight from the safetensors files. Returns the root `LossModule`; its `.model` is the `Qwen3Omni`."""
+    from ..config import Qwen3OmniConfig
+    from ..model.omni import Qwen3Omni, _as_dtype, _config_dtype
+
+    config = Qwen3OmniConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = Qwen3Omni(config, components)
+    dtype = _as_dtype(dtype)
+    model.to(dtype if dtype is not None else _config_dtype(config))
+    if mesh is None:  # the parameters are on `meta` here: take the device type from `device`
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(torch.device(device or "cpu").type, (torch.distributed.get_world_size(),))
+    root = shard_model(model, loss_fn, mesh, **fsdp_kwargs)
+    root.to_empty(device=device or "cpu")
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
+    ckpt.load_state_sharded(model, path, prefixes=[f"{c}." for c in model.components], strict=strict)
     return root
 
 
