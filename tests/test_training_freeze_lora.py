@@ -93,7 +93,9 @@ def test_gradient_checkpointing_gives_identical_loss_and_grads(tiny_model, examp
     loss, grads = _loss_and_grads(model, example)
     plain_calls = len(calls)
     stacks = set_gradient_checkpointing(model, True)
-    assert stacks == ["talker.code_predictor.model", "talker.model", "thinker.model"]
+    assert stacks == [
+        "talker.code_predictor.model", "talker.model", "thinker.audio_tower", "thinker.model", "thinker.visual"
+    ]
     calls.clear()
     loss_ckpt, grads_ckpt = _loss_and_grads(model, example)
     assert len(calls) == 2 * plain_calls  # every layer ran again in the backward pass: checkpointing is on
@@ -103,8 +105,50 @@ def test_gradient_checkpointing_gives_identical_loss_and_grads(tiny_model, examp
         torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
     set_gradient_checkpointing(model, False)
     assert set_gradient_checkpointing(model, True, stacks="talker") == ["talker.code_predictor.model", "talker.model"]
-    with pytest.raises(InputError, match="decoder stacks"):
+    with pytest.raises(InputError, match="layer stacks"):
         set_gradient_checkpointing(model, True, stacks="code2wav")
+
+
+def test_encoder_checkpointing_gives_identical_grads(tiny_model):
+    """The audio and vision encoders recompute their layers in the backward pass, with the same gradients."""
+    from qwen3omni.model.audio_encoder import AudioEncoderLayer
+    from qwen3omni.model.vision_encoder import VisionBlock
+
+    model = copy.deepcopy(tiny_model).train()
+    thinker = model.thinker
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(2, thinker.config.audio.num_mel_bins, 230, generator=g)
+    lens = torch.tensor([230, 170])
+    grid = torch.tensor([[1, 4, 6], [2, 2, 4]])
+    cfg = thinker.config.vision
+    width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=g)
+    calls = []
+    for module in model.modules():
+        if isinstance(module, (AudioEncoderLayer, VisionBlock)):
+            module.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def loss_and_grads():
+        model.zero_grad()
+        merged, deepstack = thinker.visual(pixels, grid)
+        loss = thinker.audio_tower(mel, lens).square().mean() + merged.square().mean() + deepstack[0].square().mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    loss, grads = loss_and_grads()
+    plain = len(calls)
+    assert set_gradient_checkpointing(model, True, stacks=["thinker.audio_tower", "thinker.visual"]) == [
+        "thinker.audio_tower", "thinker.visual"
+    ]
+    calls.clear()
+    loss_ckpt, grads_ckpt = loss_and_grads()
+    assert len(calls) == 2 * plain  # each encoder layer ran again in the backward pass
+    assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
+    assert any(n.startswith("thinker.audio_tower.layers") for n in grads)
+    assert any(n.startswith("thinker.visual.blocks") for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_bf16_autocast(tiny_model, example):

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import AudioEncoderConfig
 from ..errors import InputError, describe
@@ -104,6 +105,7 @@ class AudioEncoder(nn.Module):
         self.proj2 = nn.Linear(cfg.d_model, cfg.output_dim)
         self.act = activation(cfg.activation_function)
         self.backend = "sdpa"  # "flash" uses flash-attn varlen on CUDA when it is installed
+        self.gradient_checkpointing = False  # see qwen3omni.training.set_gradient_checkpointing
         self.register_buffer("positions", torch.empty(cfg.max_source_positions, cfg.d_model), persistent=False)
         self.reset_buffers()
 
@@ -131,8 +133,12 @@ class AudioEncoder(nn.Module):
         valid_KT = torch.arange(x_KTC.shape[1], device=x_KTC.device) < tokens_per_chunk[:, None]
         x_NC = x_KTC[valid_KT]
         cu_seqlens = self._windows(feature_lens, int(tokens_per_chunk.max()))
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x_NC = layer(x_NC, cu_seqlens, self.backend)
+            if recompute:
+                x_NC = checkpoint(layer, x_NC, cu_seqlens, self.backend, use_reentrant=False)
+            else:
+                x_NC = layer(x_NC, cu_seqlens, self.backend)
         return self.proj2(self.act(self.proj1(self.ln_post(x_NC))))
 
     def _check(self, input_features: torch.Tensor, feature_lens) -> torch.Tensor:

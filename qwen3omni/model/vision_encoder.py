@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionEncoderConfig
 from ..errors import InputError, describe
@@ -150,6 +151,7 @@ class VisionEncoder(nn.Module):
         self.merger_list = nn.ModuleList(PatchMerger(cfg, norm_after_merge=True) for _ in cfg.deepstack_visual_indexes)
         self.side = int(cfg.num_position_embeddings**0.5)
         self.backend = "sdpa"  # "flash" uses flash-attn varlen on CUDA when it is installed
+        self.gradient_checkpointing = False  # see qwen3omni.training.set_gradient_checkpointing
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         """Patches [N, C*2*16*16] of images / videos with grids [n, 3] -> (merged [N/4, out_hidden], deepstack
@@ -162,8 +164,12 @@ class VisionEncoder(nn.Module):
         rope = self.rotary(torch.stack([rows, cols]).to(x.device), dtype=torch.float32)
         cu_seqlens = frame_seqlens(grid_thw)
         deepstack = []
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cu_seqlens, self.backend)
+            if recompute:
+                x = checkpoint(block, x, rope, cu_seqlens, self.backend, use_reentrant=False)
+            else:
+                x = block(x, rope, cu_seqlens, self.backend)
             if i in self.config.deepstack_visual_indexes:
                 deepstack.append(self.merger_list[self.config.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), deepstack

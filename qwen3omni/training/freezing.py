@@ -90,22 +90,33 @@ def decoder_stacks(model: nn.Module) -> dict[str, DecoderStack]:
     return {n: m for n, m in model.named_modules() if isinstance(m, DecoderStack)}
 
 
+def checkpointable_stacks(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer stack that can recompute its activations: the decoder stacks and the audio and vision
+    encoders (thinker.audio_tower, thinker.visual)."""
+    from ..model.audio_encoder import AudioEncoder
+    from ..model.vision_encoder import VisionEncoder
+
+    kinds = (DecoderStack, AudioEncoder, VisionEncoder)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
 def set_gradient_checkpointing(model: nn.Module, enabled: bool = True, stacks: Iterable[str] | str | None = None
                                ) -> list[str]:
-    """Recompute each decoder layer's activations in the backward pass instead of keeping them (per stack).
+    """Recompute each layer's activations in the backward pass instead of keeping them (per stack: the three
+    decoders and the audio and vision encoders).
 
     `stacks` chooses stacks by name or pattern (default: every stack). It takes effect in training mode
     (`model.train()`) for full-sequence passes; decoding with a KV cache is never checkpointed. Returns the
     names of the stacks it set.
     """
-    found = decoder_stacks(model)
+    found = checkpointable_stacks(model)
     if stacks is None:
         chosen = found
     else:
         items = _patterns(stacks)
         chosen = {n: m for n, m in found.items() if any(_selects(n, p) for p in items)}
         if not chosen:
-            raise InputError(f"stacks: {items} match none of this model's decoder stacks {sorted(found)}")
+            raise InputError(f"stacks: {items} match none of this model's layer stacks {sorted(found)}")
     for stack in chosen.values():
         stack.gradient_checkpointing = enabled
     return sorted(chosen)
