@@ -220,6 +220,11 @@ def materialize(model: nn.Module, device, dtype: torch.dtype | None) -> None:
     else:
         for name, child in model.named_children():
             child.to_empty(device=devices.get(name, "cpu"))
+    reset_buffers(model)
+
+
+def reset_buffers(model: nn.Module) -> None:
+    """Recompute the derived buffers (rotary tables, position tables) of a model materialised from `meta`."""
     for module in model.modules():
         reset = getattr(module, "reset_buffers", None)
         if callable(reset):

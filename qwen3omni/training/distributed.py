@@ -107,10 +107,7 @@ def load_sharded(
         mesh = init_device_mesh(torch.device(device or "cpu").type, (torch.distributed.get_world_size(),))
     root = shard_model(model, loss_fn, mesh, **fsdp_kwargs)
     root.to_empty(device=device or "cpu")
-    for module in model.modules():
-        reset = getattr(module, "reset_buffers", None)
-        if callable(reset):
-            reset()
+    ckpt.reset_buffers(model)
     ckpt.load_state_sharded(model, path, prefixes=[f"{c}." for c in model.components], strict=strict)
     return root
 
