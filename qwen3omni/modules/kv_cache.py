@@ -43,7 +43,7 @@ class KVCache:
     if a caller writes past `capacity` (generation sizes it up front, so decoding never reallocates).
 
     Static mode (`set_static(True)`, for CUDA graphs and torch.compile): the write offset also lives on the
-    device (`position`, a 1-element tensor advanced in place), `update` writes with `index_copy_` there and
+    device (`position`, a 1-element tensor advanced in place), `LayerKV.update` writes with `index_copy_` there and
     returns the whole buffers, and the stack masks the keys past the offset (`static_mask`). A decode step then
     has the same shapes and reads no host value at every position, so it can be captured once and replayed.
     """
@@ -106,10 +106,6 @@ class KVCache:
     def layer(self, index: int) -> LayerKV:
         """What layer `index` reads and writes: its buffers and the current offset."""
         return LayerKV(self.keys[index], self.values[index], self._length, self.position)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v [B, H, T, D] of `layer` at the current offset (see `LayerKV.update`)."""
-        return self.layer(layer).update(k, v)
 
     def advance(self, tokens: int, on_device: bool = True) -> None:
         """Move the offset by `tokens`. `on_device=False` updates only the host copy: for a caller replaying a
