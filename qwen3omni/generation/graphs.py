@@ -114,8 +114,9 @@ class PredictorRunner:
         self.positions = torch.arange(G, device=device).view(1, 1, G).expand(1, batch, G).contiguous()
         self.logits: list[torch.Tensor | None] = [None] * predictor.num_residual
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.steps = [Captured(self._step(s), self.capture, self.pool) for s in range(predictor.num_residual)]
-        self.greedy: Captured | None = None  # built on the first greedy frame
+        # Captured on first use: greedy generation never needs the per-step graphs, nor sampling the frame graph.
+        self.steps: list[Captured] | None = None
+        self.greedy: Captured | None = None
 
     def _step(self, s: int):
         def step():
@@ -141,6 +142,8 @@ class PredictorRunner:
                 self.greedy = Captured(self._greedy_frame, self.capture, self.pool)
             self.greedy()
         else:
+            if self.steps is None:
+                self.steps = [Captured(self._step(s), self.capture, self.pool) for s in range(len(self.logits))]
             for s, step in enumerate(self.steps):
                 step()
                 self._feed(s, choose(self.logits[s], sampling, generator))
