@@ -20,7 +20,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -244,13 +244,37 @@ def load_state(
     the others are skipped unread. With `strict`, any missing, unexpected or mis-shaped tensor raises a
     `CheckpointError` listing them all before anything is read.
     """
+    state = model.state_dict()
+    _read_checkpoint(model, folder, prefixes, strict, progress, lambda name: (ExpertLayout.destination(state, name), 0))
+
+
+def load_state_sharded(
+    model: nn.Module, folder: str | Path, prefixes: Iterable[str] | None = None, strict: bool = True
+) -> None:
+    """`load_state` for a model whose parameters are dim-0 sharded DTensors (after `fully_shard` on a model
+    built on `meta` and `to_empty`): each rank reads only the rows it holds (for stacked experts, only its
+    experts' tensors), so no rank ever holds more than its shard. Buffers and unsharded tensors are read whole."""
+    local = {name: _local_rows(t) for name, t in model.state_dict().items()}
+    _read_checkpoint(model, folder, prefixes, strict, False, lambda name: _shard_destination(local, name))
+
+
+Destination = Callable[[str], tuple[torch.Tensor | None, int]]
+
+
+def _read_checkpoint(
+    model: nn.Module, folder, prefixes, strict: bool, progress: bool | None, destination: Destination
+) -> None:
+    """Check the checkpoint against the model's released names and shapes, then read every wanted tensor into
+    `destination(name)` = (where it goes, from which of its rows; None: not here)."""
     files = checkpoint_files(folder)
     keep = tuple(prefixes) if prefixes is not None else None
     wanted = {n: p for n, p in files.items() if keep is None or n.startswith(keep)}
-    expected = {n: list(t.shape) for n, t in export_state_dict(model).items()}
+    expected = {}  # released name -> shape, from the shapes alone (works for meta, real and sharded tensors)
+    for name, tensor in model.state_dict().items():
+        for disk, part in ExpertLayout.export(name, torch.empty(tensor.shape, device="meta")).items():
+            expected[disk] = list(part.shape)
     headers = {p: SafetensorsFile(p) for p in sorted(set(wanted.values()))}
     _check_names(expected, wanted, headers, strict)
-    state = model.state_dict()
     by_file: dict[Path, list[str]] = {}
     for name, path in wanted.items():
         if name in expected:
@@ -269,8 +293,10 @@ def load_state(
     staging = threading.local()
 
     def read(shard: SafetensorsFile, fd: int, name: str) -> None:
-        with torch.no_grad():
-            shard.read_into(name, ExpertLayout.destination(state, name), fd, staging)
+        dest, first_row = destination(name)
+        if dest is not None and dest.numel():
+            with torch.no_grad():
+                shard.read_into(name, dest, fd, staging, first_row)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for path, names in items:
@@ -299,37 +325,6 @@ def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     if local.shape[0] != max(0, min(chunk, tensor.shape[0] - start)):
         raise CheckpointError(f"sharded load: unexpected local shard {list(local.shape)} of {list(tensor.shape)}")
     return local, start
-
-
-def load_state_sharded(
-    model: nn.Module, folder: str | Path, prefixes: Iterable[str] | None = None, strict: bool = True
-) -> None:
-    """`load_state` for a model whose parameters are dim-0 sharded DTensors (after `fully_shard` on a model
-    built on `meta` and `to_empty`): each rank reads only the rows it holds (for stacked experts, only its
-    experts' tensors), so no rank ever holds more than its shard. Buffers and unsharded tensors are read whole."""
-    files = checkpoint_files(folder)
-    keep = tuple(prefixes) if prefixes is not None else None
-    wanted = {n: p for n, p in files.items() if keep is None or n.startswith(keep)}
-    expected = {}
-    for name, tensor in model.state_dict().items():
-        for disk, part in ExpertLayout.export(name, torch.empty(tensor.shape, device="meta")).items():
-            expected[disk] = list(part.shape)
-    headers = {p: SafetensorsFile(p) for p in sorted(set(wanted.values()))}
-    _check_names(expected, wanted, headers, strict)
-    local = {name: _local_rows(t) for name, t in model.state_dict().items()}
-    staging = threading.local()
-    for path in sorted({wanted[n] for n in wanted if n in expected}):
-        shard = headers[path]
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        try:
-            for name in sorted((n for n in shard.entries if n in expected and wanted.get(n) == path),
-                               key=lambda n: shard.entries[n]["data_offsets"][0]):
-                dest, first_row = _shard_destination(local, name)
-                if dest is not None and dest.numel():
-                    with torch.no_grad():
-                        shard.read_into(name, dest, fd, staging, first_row)
-        finally:
-            os.close(fd)
 
 
 def _shard_destination(local: dict, disk_name: str) -> tuple[torch.Tensor | None, int]:
