@@ -96,8 +96,8 @@ class Experts(nn.Module):
         self.compiled_dispatch = "gathered"
 
     def prepare_compile(self) -> None:
-        probe = self.gate_up_proj[:1, :1, 0]
-        self.compiled_dispatch = "grouped_mm" if grouped_mm_usable(probe, self.gate_up_proj) else "gathered"
+        usable = grouped_mm_usable(self.gate_up_proj, self.gate_up_proj)  # activations share the weights' device
+        self.compiled_dispatch = "grouped_mm" if usable else "gathered"
 
     def _swiglu(self, gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """act(gate) * up (* scale), in place on the activation's output when no gradient is recorded."""
