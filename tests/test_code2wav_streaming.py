@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from test_code2wav import WAVE_TOL, ours_like, random_codes, reference_code2wav
 
 from qwen3omni.errors import InputError
+from qwen3omni.modules import few_rows
 from qwen3omni.modules.causal_conv import CausalConv1d, CausalConvTranspose1d
 
 FRAMES = 130  # > the 72-frame window
@@ -203,3 +204,21 @@ def test_strided_causal_conv_pads_right_to_a_whole_stride(length):
     extra = -(-length // 3) * 3 - length
     with torch.no_grad():
         assert torch.allclose(m(x), m.conv(F.pad(x, (1, extra))), atol=1e-6)
+
+
+@pytest.mark.skipif(few_rows._ONEDNN_LINEAR is None, reason="no oneDNN linear in this torch build")
+def test_frame_pushes_take_the_few_row_kernel(setup, monkeypatch):
+    """One-frame pushes of a 2-row batch multiply 4-8 row blocks: they must run (and stay exact) through the
+    oneDNN kernel of `few_row_linear`, or the fixture would not exercise it."""
+    ours, codes, _, offline = setup
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    real = few_rows._ONEDNN_LINEAR
+    monkeypatch.setattr(few_rows, "_ONEDNN_LINEAR", counting)
+    wav, _, _ = stream(ours, codes[..., :20], [1])
+    assert calls
+    assert float((wav - offline[:, : wav.shape[-1]]).abs().max()) < WAVE_TOL

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .few_rows import few_row_linear
+
 StreamState = dict  # module -> the tensors it carries from one step to the next
 
 
@@ -33,7 +35,7 @@ def conv_as_matmul(x_BCT: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     out, _, k = weight.shape
     cols = x_BCT.unfold(2, (k - 1) * dilation + 1, 1)[..., ::dilation]  # [B, C, n, k]
     cols = cols.permute(0, 2, 1, 3).reshape(B, cols.shape[2], C * k)
-    return F.linear(cols, weight.reshape(out, C * k), bias)
+    return few_row_linear(cols, weight.reshape(out, C * k), bias)
 
 
 class CausalConv1d(nn.Module):
@@ -204,7 +206,9 @@ class ConvNeXtBlock1d(nn.Module):
 
     def _pointwise(self, h_BCT: torch.Tensor) -> torch.Tensor:
         h_BTC = self.norm(h_BCT.transpose(1, 2))
-        h_BTC = self.pwconv2(F.gelu(self.pwconv1(h_BTC)))
+        # A streamed frame is 4 rows here: see few_row_linear.
+        h_BTC = F.gelu(few_row_linear(h_BTC, self.pwconv1.weight, self.pwconv1.bias))
+        h_BTC = few_row_linear(h_BTC, self.pwconv2.weight, self.pwconv2.bias)
         return (h_BTC * self.gamma).transpose(1, 2)
 
     def forward(self, x_BCT: torch.Tensor) -> torch.Tensor:
