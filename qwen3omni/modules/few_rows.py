@@ -17,11 +17,18 @@ FEW_ROWS = range(3, 9)  # rows for which the oneDNN kernel is used
 
 
 def _onednn_linear():
+    """The op, if this torch build has it and it computes a small product right (checked once, at import, so a
+    build where the private op is missing or broken silently keeps F.linear)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
     try:
         op = torch.ops.mkldnn._linear_pointwise  # what inductor itself emits for CPU linears
-    except (AttributeError, RuntimeError):
+        x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
+        with torch.no_grad():
+            ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    except (AttributeError, RuntimeError, NotImplementedError):
         return None
-    return op if torch.backends.mkldnn.is_available() else None
+    return op if ok else None
 
 
 _ONEDNN_LINEAR = _onednn_linear()
