@@ -43,3 +43,20 @@ def test_gradients_flow_when_recorded():
     w = torch.randn(6, 5, requires_grad=True)
     few_row_linear(torch.randn(4, 5), w).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_few_row_linear_module_keeps_hooks_and_linear_identity():
+    """ConvNeXt's pointwise layers use FewRowLinear: still nn.Linear (PEFT targets it) and still called as a
+    module (forward hooks fire), with F.linear's values."""
+    from qwen3omni.modules.causal_conv import ConvNeXtBlock1d
+    from qwen3omni.modules.few_rows import FewRowLinear
+
+    block = ConvNeXtBlock1d(16).eval()
+    assert isinstance(block.pwconv1, FewRowLinear) and isinstance(block.pwconv1, torch.nn.Linear)
+    seen = []
+    block.pwconv1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(1, 4, 16)
+    with torch.no_grad():
+        got = block.pwconv1(x)
+    assert seen == [torch.Size([1, 4, 64])]
+    torch.testing.assert_close(got, F.linear(x, block.pwconv1.weight, block.pwconv1.bias), rtol=1e-5, atol=1e-5)

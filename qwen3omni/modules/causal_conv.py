@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .few_rows import few_row_linear
+from .few_rows import FewRowLinear, few_row_linear
 
 StreamState = dict  # module -> the tensors it carries from one step to the next
 
@@ -200,15 +200,14 @@ class ConvNeXtBlock1d(nn.Module):
         super().__init__()
         self.dwconv = CausalConv1d(dim, dim, kernel_size, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.pwconv1 = nn.Linear(dim, expansion * dim)
-        self.pwconv2 = nn.Linear(expansion * dim, dim)
+        # FewRowLinear: a streamed frame is 4 rows here
+        self.pwconv1 = FewRowLinear(dim, expansion * dim)
+        self.pwconv2 = FewRowLinear(expansion * dim, dim)
         self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
 
     def _pointwise(self, h_BCT: torch.Tensor) -> torch.Tensor:
         h_BTC = self.norm(h_BCT.transpose(1, 2))
-        # A streamed frame is 4 rows here: see few_row_linear.
-        h_BTC = F.gelu(few_row_linear(h_BTC, self.pwconv1.weight, self.pwconv1.bias))
-        h_BTC = few_row_linear(h_BTC, self.pwconv2.weight, self.pwconv2.bias)
+        h_BTC = self.pwconv2(F.gelu(self.pwconv1(h_BTC)))
         return (h_BTC * self.gamma).transpose(1, 2)
 
     def forward(self, x_BCT: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 FEW_ROWS = range(3, 9)  # rows for which the oneDNN kernel is used
 
@@ -54,3 +55,11 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if uses_onednn(x, weight):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+class FewRowLinear(nn.Linear):
+    """nn.Linear computed by `few_row_linear`: the same parameters and names, and it is still called as a
+    module, so forward hooks and PEFT's LoRA wrappers see it like any other linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return few_row_linear(x, self.weight, self.bias)
