@@ -276,20 +276,21 @@ def matvec_bandwidth(dtype=torch.float32, mbytes: int = 1536, repeats: int = 7, 
     return w.numel() * w.element_size() / (statistics.median(times) if median else min(times))
 
 
-def rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status ("VmRSS", "VmHWM", ...) in bytes; 0 where there is none."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS")
 
 
 def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmHWM")
 
 
 def touch(model: torch.nn.Module) -> float:

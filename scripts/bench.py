@@ -86,15 +86,18 @@ def with_vocab(text: dict, vocab: int | None) -> dict:
 
 
 # ---- the thinker -------------------------------------------------------------------------------------------------
-def thinker_pair(cfg: dict, seed: int, experts_impl: str | None):
+def component_pair(part: str, cfg: dict, seed: int, experts_impl: str | None):
+    """The reference's `part` ("thinker" or "talker") on random weights, and ours sharing its tensors."""
+    from qwen3omni.model.talker import Talker
     from qwen3omni.model.thinker import Thinker
 
     rc = U.reference_config(cfg)
+    ref_cfg = getattr(rc, f"{part}_config")
     if experts_impl:
-        rc.thinker_config.text_config._experts_implementation = experts_impl
-    ref = U.build_reference("Qwen3OmniMoeThinkerForConditionalGeneration", rc.thinker_config, seed, "thinker.")
-    ours = U.twin(Thinker, U.ours_config(cfg).thinker, ref)
-    return ours, ref
+        ref_cfg.text_config._experts_implementation = experts_impl
+    ref = U.build_reference(f"Qwen3OmniMoe{part.title()}ForConditionalGeneration", ref_cfg, seed, f"{part}.")
+    ours_cls = {"thinker": Thinker, "talker": Talker}[part]
+    return U.twin(ours_cls, getattr(U.ours_config(cfg), part), ref), ref
 
 
 def random_ids(batch: int, length: int, seed: int, vocab: int = 150000) -> torch.Tensor:
@@ -108,7 +111,7 @@ def experts_impl_of(ref) -> str:
 @torch.no_grad()
 def workload_a(args, sz):
     cfg = U.bench_config(thinker_layers=2, thinker_text=with_vocab(text_overrides(args.quick), sz["vocab"]))
-    ours, ref = thinker_pair(cfg, args.seed, args.reference_experts)
+    ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts)
     ids = random_ids(1, sz["A_tokens"], args.seed, cfg["thinker_config"]["text_config"]["vocab_size"])
     mine = ours(input_ids=ids, logits_to_keep=1).logits[:, -1]
     theirs = ref(input_ids=ids).logits[:, -1]
@@ -211,7 +214,7 @@ def decode_bytes(model, cfg_text: dict, context: int) -> int:
 def workload_b(args, sz):
     cfg = U.bench_config(thinker_layers=2, thinker_text=with_vocab(text_overrides(args.quick), sz["vocab"]))
     text = cfg["thinker_config"]["text_config"]
-    ours, ref = thinker_pair(cfg, args.seed, args.reference_experts)
+    ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts)
     ids = random_ids(1, sz["B_prompt"], args.seed + 1, text["vocab_size"])
     steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["B_new"])
     bandwidth = U.matvec_bandwidth()
@@ -237,7 +240,7 @@ def workload_b(args, sz):
 def workload_c(args, sz):
     text = with_vocab(dict(SMALL_TEXT), sz["vocab"] if args.quick else args.c_vocab)
     cfg = U.bench_config(thinker_layers=sz["C_layers"], thinker_text=text)
-    ours, ref = thinker_pair(cfg, args.seed, args.reference_experts)
+    ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts)
     vocab = cfg["thinker_config"]["text_config"]["vocab_size"]
     ids = random_ids(1, sz["C_prompt"], args.seed + 2, vocab)
     steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["C_new"])
@@ -268,17 +271,6 @@ def workload_c(args, sz):
 
 
 # ---- one speech frame ----------------------------------------------------------------------------------------------
-def talker_pair(cfg: dict, seed: int, experts_impl: str | None):
-    from qwen3omni.model.talker import Talker
-
-    rc = U.reference_config(cfg)
-    if experts_impl:
-        rc.talker_config.text_config._experts_implementation = experts_impl
-    ref = U.build_reference("Qwen3OmniMoeTalkerForConditionalGeneration", rc.talker_config, seed, "talker.")
-    ours = U.twin(Talker, U.ours_config(cfg).talker, ref)
-    return ours, ref
-
-
 class OurFrames:
     """Our speech loop, one frame per call: code predictor for the last frame, then a talker step."""
 
@@ -346,7 +338,7 @@ def workload_d(args, sz):
     cfg["talker_config"]["text_config"].update(talker_text)
     if args.quick:
         cfg["talker_config"]["code_predictor_config"].update(QUICK_PREDICTOR)
-    ours, ref = talker_pair(cfg, args.seed, args.reference_experts)
+    ours, ref = component_pair("talker", cfg, args.seed, args.reference_experts)
     C = cfg["talker_config"]["text_config"]["hidden_size"]
     prompt = torch.randn(1, sz["D_prompt"], C, generator=torch.Generator().manual_seed(args.seed))
     mine, theirs = OurFrames(ours, prompt), ReferenceFrames(ref, prompt)
