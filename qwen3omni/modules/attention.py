@@ -111,12 +111,21 @@ def decoder_mask(
         return None
     q_pos = torch.arange(start, k_len, device=key_valid.device if key_valid is not None else device)
     k_pos = torch.arange(k_len, device=q_pos.device)
+    return position_mask(q_pos, k_pos, window, None if key_valid is None else key_valid[:, :k_len])
+
+
+def position_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None, key_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean [B or 1, 1, Q, K]: a query at q_pos sees the keys at or before it, within `window` positions,
+    that are not padding (`key_valid` [B, K]). Device tensors only, so it also serves a static cache whose
+    query positions live on the device."""
     allowed = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
     allowed = allowed[None, None]
     if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :k_len]
+        allowed = allowed & key_valid[:, None, None, :]
     return allowed
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import position_mask
+
 
 @dataclass
 class LayerKV:
@@ -124,10 +126,4 @@ class KVCache:
         device = self.keys.device
         q_pos = self.position + torch.arange(q_len, device=device)
         k_pos = torch.arange(self.capacity, device=device)
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if window is not None:
-            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
-        allowed = allowed[None, None]
-        if self.has_padding:
-            allowed = allowed & self.key_valid[:, None, None, :]
-        return allowed
+        return position_mask(q_pos, k_pos, window, self.key_valid if self.has_padding else None)
