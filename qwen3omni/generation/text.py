@@ -108,12 +108,12 @@ def thinker_steps(
 def _thinker_decoder(thinker, cache, token, positions, graphs: bool):
     """The single-token step: eager, or over a static cache (replayed from a CUDA graph when `graphs`; compiled
     layers, if the thinker's stack has them)."""
+    def forward(tok, pos):
+        return (thinker(input_ids=tok, position_ids=pos, cache=cache, logits_to_keep=1).logits[:, -1],)
+
     if not static_steps(thinker.model, graphs):
-        return lambda tok, pos: (thinker(input_ids=tok, position_ids=pos, cache=cache).logits[:, -1],)
-    return StaticDecoder(
-        lambda tok, pos: (thinker(input_ids=tok, position_ids=pos, cache=cache, logits_to_keep=1).logits[:, -1],),
-        cache, token, positions, capture=graphs,
-    )
+        return forward
+    return StaticDecoder(forward, cache, token, positions, capture=graphs)
 
 
 def generate_text(
