@@ -151,3 +151,12 @@ def test_autocast_keeps_the_input_dtype(strategy):
             got = ex(x, r)
     assert got.dtype == torch.float32
     assert rel_err(got, want) < 3e-2
+
+
+def test_unknown_dispatch_is_an_input_error():
+    from qwen3omni.errors import InputError
+
+    ex = experts()
+    ex.dispatch = "sortd"
+    with pytest.raises(InputError, match="dispatch: expected one of .*'sortd'"):
+        ex(torch.randn(3, 32), routing(3, 8, 2))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .activations import activation
 from .mlp import SwiGLU
 
@@ -115,6 +116,8 @@ class Experts(nn.Module):
 
     def strategy(self, x_NH: torch.Tensor, routing: Routing) -> str:
         if self.dispatch != "auto":
+            if self.dispatch not in self.STRATEGIES:
+                raise InputError(f"dispatch: expected one of {list(self.STRATEGIES)}, got {self.dispatch!r}")
             return self.dispatch
         if torch.compiler.is_compiling():  # no host reads inside a compiled graph
             return self.compiled_dispatch
