@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -131,9 +132,7 @@ class SafetensorsFile:
         ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and x >= 0 for x in xs)  # noqa: E731
         if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[1] < offsets[0]:
             raise CheckpointError(bad)
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         if offsets[1] - offsets[0] != numel * _DTYPES[entry["dtype"]].itemsize:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} of shape {shape} ({entry['dtype']}) spans "

@@ -206,11 +206,11 @@ def item_positions(kind: str, start: torch.Tensor, media: _Media, layout: MediaL
     return span, span
 
 
-def row_positions(ids: list[int], layout: MediaLayout, media: _Media, use_audio_in_video: bool) -> torch.Tensor:
+def row_positions(ids: list[int], layout: MediaLayout, media: _Media) -> torch.Tensor:
     """Ids [3, len(ids)] for one unpadded prompt row: text runs and media items in reading order.
 
     Whether a video is interleaved with its audio track is read from its tokens (`<|vision_start|>` then
-    `<|audio_start|>`); `use_audio_in_video` is kept for the reference's signature."""
+    `<|audio_start|>`), not from a flag."""
     ids_t = torch.tensor(ids, dtype=torch.long)
     images, videos, audios, with_track = _row_items(ids_t, layout)
     n_items = images + videos + audios - with_track  # a video with its track is one item
@@ -291,6 +291,8 @@ def rope_index(cfg, input_ids, attention_mask, audio_mel_lengths=None, image_gri
 
     Without any image or video grid the ids are plain text ids (`text_positions`), audio included, as the
     released model computes them. Otherwise left padding gets id 0; `attention_mask=None` means no padding.
+    `use_audio_in_video` is accepted as the reference's `get_rope_index` takes it, but not needed: the tokens
+    show which videos carry their audio track (see `row_positions`).
     """
     if image_grid_thw is None and video_grid_thw is None:
         return text_positions(attention_mask, input_ids.shape, input_ids.device)
@@ -305,7 +307,7 @@ def rope_index(cfg, input_ids, attention_mask, audio_mel_lengths=None, image_gri
     out = torch.zeros(3, B, T, dtype=torch.float32)
     for b, row in enumerate(input_ids.cpu()):
         ids = row[keep[b]].tolist()
-        pos = row_positions(ids, layout, media, bool(use_audio_in_video))
+        pos = row_positions(ids, layout, media)
         if pos.shape[1] != len(ids):
             raise InputError(
                 f"input_ids: row {b} has {len(ids)} tokens but its media grids and audio lengths account for "
