@@ -47,3 +47,20 @@ def expect_int(value, name: str, least: int | None = None) -> int:
     if least is not None and value < least:
         raise InputError(f"{name}: must be >= {least}, got {value!r}")
     return int(value)
+
+
+def expect_device(value, name: str):
+    """`value` as a torch.device that exists here (an unavailable CUDA index is refused up front rather than
+    failing later inside a copy); else an InputError naming `name`."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        expected = "a device such as 'cpu', 'cuda' or 'cuda:1'"
+        raise InputError(f"{name}: expected {expected}, got {describe(value)}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise InputError(f"{name}: {describe(value)} is not available (torch.cuda.device_count() = {count})")
+    return device

@@ -14,22 +14,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..errors import InputError, describe
+from ..errors import InputError, expect_device
 
 COMPONENTS = ("thinker", "talker", "code2wav")
-
-
-def _device(value, what: str) -> torch.device:
-    expected = "a device such as 'cpu', 'cuda' or 'cuda:1'"
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise InputError(f"{what}: expected {expected}, got {describe(value)}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise InputError(f"{what}: {describe(value)} is not available (torch.cuda.device_count() = {count})")
-    return device
 
 
 def resolve_devices(device, components: Iterable[str]) -> dict[str, torch.device]:
@@ -40,7 +27,7 @@ def resolve_devices(device, components: Iterable[str]) -> dict[str, torch.device
     """
     components = tuple(components)
     if not isinstance(device, Mapping):
-        one = _device("cpu" if device is None else device, "device")
+        one = expect_device("cpu" if device is None else device, "device")
         return dict.fromkeys(components, one)
     unknown = sorted(set(device) - set(COMPONENTS))
     if unknown:
@@ -51,7 +38,7 @@ def resolve_devices(device, components: Iterable[str]) -> dict[str, torch.device
             f"device: no device given for loaded component(s) {missing}; got {dict(device)!r}. Name every loaded "
             f"component ({list(components)}) or load fewer with components=..."
         )
-    return {c: _device(device[c], f"device[{c!r}]") for c in components}
+    return {c: expect_device(device[c], f"device[{c!r}]") for c in components}
 
 
 def device_of(module: nn.Module | None) -> torch.device:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, InputError, MissingFileError, describe
+from ..errors import ConfigError, InputError, MissingFileError, describe, expect_device
 from ..model.positions import audio_token_count
 from .audio import MelSettings, load_audio, log_mel_features
 from .chat import compile_template, media_items, normalize_conversations, render_builtin, render_template
@@ -152,7 +152,7 @@ class Processor:
 
     def _process(self, texts, images, videos, waves, use_audio_in_video, video_fps, video_audio=None,
                  device=None, names=None) -> dict:
-        device = _as_device(device)
+        device = None if device is None else expect_device(device, "device")
         names = names or {}
         tokens = self.settings.tokens
         check_media_counts(texts, tokens, {"image": len(images), "video": len(videos), "audio": len(waves)})
@@ -266,15 +266,6 @@ class Processor:
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(_as_list(sequences), skip_special_tokens=skip_special_tokens, **kwargs)
-
-
-def _as_device(device) -> torch.device | None:
-    if device is None:
-        return None
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device: expected a device such as 'cpu' or 'cuda:0', got {describe(device)}") from None
 
 
 def _media_list(items, name: str) -> list:
