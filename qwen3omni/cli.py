@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.add_argument("--do-sample", action="store_true")
+    chat.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "eager"],
+                      help="attention backend (flash needs the flash-attn package and a CUDA GPU)")
     chat.add_argument("--compile", action="store_true",
                       help="torch.compile the decode steps (faster decoding on a GPU after a one-off compile)")
     args = parser.parse_args(argv)
@@ -80,7 +82,7 @@ def _chat(args) -> int:
                     {"role": "user", "content": content}]
     processor = Processor.from_pretrained(args.model)
     model = Qwen3Omni.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device,
-                                      progress=True)
+                                      progress=True, attention=args.attention)
     if args.compile:
         model.compile_decoding()
     batch = processor(conversation, use_audio_in_video=args.use_audio_in_video)

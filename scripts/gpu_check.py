@@ -136,10 +136,7 @@ def use_fast_attention(model) -> str:
     from qwen3omni.modules import attention
 
     backend = "flash" if attention.flash_attn_func is not None else "sdpa"
-    for part in (model.thinker.model, *(() if model.talker is None else (model.talker.model,
-                                                                        model.talker.code_predictor.model))):
-        part.set_attention_backend(backend)
-    model.thinker.audio_tower.backend = model.thinker.visual.backend = backend  # flash-attn varlen
+    model.set_attention_backend(backend)  # decoders, Code2Wav and the encoders' varlen attention
     return backend
 
 
@@ -644,7 +641,7 @@ def section_reference(args, dev: Device, dtype, budget: Budget) -> None:
         ours = U.twin(Thinker, U.ours_config(cfg).thinker, ref)
     from qwen3omni.modules import attention
 
-    ours.model.set_attention_backend("flash" if attention.flash_attn_func is not None else "sdpa")
+    attention.set_attention_backend(ours, "flash" if attention.flash_attn_func is not None else "sdpa")
     say("reference", built=True, peak_gb=dev.peak_gb())
     prompt = random_ids(32 if not args.dry_run else 8, 6, dev.device)
     n = args.ref_tokens

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import Code2WavConfig
 from ..errors import InputError, describe
-from ..modules.attention import Attention, decoder_mask
+from ..modules.attention import Attention, decoder_mask, set_attention_backend
 from ..modules.causal_conv import (
     CausalConv1d,
     CausalConvTranspose1d,
@@ -213,8 +213,7 @@ class Code2Wav(nn.Module):
         self.code_offset = offset.to(self.code_offset.device)
 
     def set_attention_backend(self, backend: str) -> None:
-        for layer in self.pre_transformer.layers:
-            layer.self_attn.backend = backend
+        set_attention_backend(self, backend, "backend")
 
     @property
     def samples_per_frame(self) -> int:

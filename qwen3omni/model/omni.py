@@ -11,6 +11,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..config import Qwen3OmniConfig
 from ..errors import InputError, describe
+from ..modules.attention import check_backend, set_attention_backend
 from .placement import COMPONENTS, resolve_devices
 from .thinker import Thinker
 
@@ -79,6 +80,12 @@ class Qwen3Omni(nn.Module):
         for stack in stacks:
             stack.compile_decode_step(enable, **options)
 
+    def set_attention_backend(self, backend: str) -> None:
+        """Use `backend` in every attention of the model (the thinker's, talker's and code predictor's decoders,
+        Code2Wav's transformer, the audio and vision encoders): "sdpa" (default), "flash" (flash-attn, CUDA
+        fp16/bf16; calls it cannot take, such as masked ones, run SDPA) or "eager" (the slow reference)."""
+        set_attention_backend(self, backend, "backend")
+
     # ---- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -114,6 +121,7 @@ class Qwen3Omni(nn.Module):
         components: Iterable[str] | str | None = None,
         strict: bool = True,
         progress: bool | None = None,
+        attention: str = "sdpa",
     ) -> Qwen3Omni:
         """Build on the meta device, then read each tensor once into its final dtype and device.
 
@@ -121,7 +129,9 @@ class Qwen3Omni(nn.Module):
         names to devices, e.g. {"thinker": "cuda:0", "talker": "cuda:1", "code2wav": "cuda:1"} (every loaded
         component must be named; see `placement`), and each tensor is read straight onto its component's device.
         `components={"thinker"}` reads only the thinker's tensors (about 10 GB less for the released model).
+        `attention` picks the attention backend, see `set_attention_backend`.
         """
+        check_backend(attention, "attention")  # before reading tens of GB
         dtype = _as_dtype(dtype)
         config = Qwen3OmniConfig.from_pretrained(path)
         with torch.device("meta"):
@@ -129,6 +139,7 @@ class Qwen3Omni(nn.Module):
         dtype = dtype if dtype is not None else _config_dtype(config)
         ckpt.materialize(model, resolve_devices(device, model.components), dtype)
         ckpt.load_state(model, path, prefixes=[f"{c}." for c in model.components], strict=strict, progress=progress)
+        model.set_attention_backend(attention)
         return model.eval()
 
     def save_pretrained(

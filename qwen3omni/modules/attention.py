@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .norms import RMSNorm
 from .rotary import apply_rotary
 
@@ -25,6 +26,30 @@ except Exception:  # noqa: BLE001 - any import failure just means "not available
 
 def flash_usable(q: torch.Tensor) -> bool:
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def check_backend(backend: str, name: str = "attention") -> str:
+    """`backend` if it names an attention backend usable here; else an InputError naming `name`."""
+    if backend not in BACKENDS:
+        raise InputError(f"{name}: expected one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "flash" and flash_attn_func is None:
+        raise InputError(f"{name}: 'flash' needs the flash-attn package (pip install 'qwen3omni[cuda]'), "
+                         "which is not installed here")
+    return backend
+
+
+def set_attention_backend(module: nn.Module, backend: str, name: str = "attention") -> None:
+    """Make every attention inside `module` use `backend`: "sdpa" (the default), "flash" or "eager".
+
+    Each module that picks an attention kernel keeps its choice in `.backend` (decoder `Attention` layers,
+    the audio and vision towers, which run flash-attn's varlen kernel over their packed windows). With
+    "flash", a call flash-attn cannot take (CPU, float32, or a mask: left padding, a sliding window, a static
+    cache) still runs SDPA, so the choice is safe for any input; "eager" is the slow reference.
+    """
+    check_backend(backend, name)
+    for m in module.modules():
+        if getattr(m, "backend", None) in BACKENDS:
+            m.backend = backend
 
 
 def _eager(q, k, v, mask, causal, scale):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, decoder_mask
+from .attention import Attention, decoder_mask, set_attention_backend
 from .kv_cache import KVCache, LayerKV
 from .moe import Experts, MoeBlock
 from .norms import RMSNorm
@@ -103,8 +103,7 @@ class DecoderStack(nn.Module):
         return kv
 
     def set_attention_backend(self, backend: str) -> None:
-        for layer in self.layers:
-            layer.self_attn.backend = backend
+        set_attention_backend(self, backend, "backend")
 
     def forward(
         self,
@@ -126,8 +125,10 @@ class DecoderStack(nn.Module):
             if attention_mask is not None:
                 cache.mark_padding(attention_mask)
             key_valid = cache.valid_keys(T)
-        else:
-            key_valid = attention_mask.bool() if attention_mask is not None else None
+        elif attention_mask is not None and not bool(attention_mask.all()):  # one host read, as mark_padding's
+            key_valid = attention_mask.bool()
+        else:  # no padding: no mask, so attention takes its causal fast path (and flash-attn when chosen)
+            key_valid = None
         if cache is not None and cache.static:
             mask = cache.static_mask(T, window)  # keys past the device-side offset are masked, not sliced off
         else:
