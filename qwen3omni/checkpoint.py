@@ -89,6 +89,27 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# PEFT wraps each target `nn.Linear` as `<name>.base_layer` + `<name>.lora_A/B.<adapter>` (and keeps
+# `modules_to_save` copies beside `original_module`): names that neither our loader nor transformers read.
+_ADAPTER_PARTS = {"base_layer", "original_module", "modules_to_save"}
+
+
+def _is_adapter_name(name: str) -> bool:
+    return any(part in _ADAPTER_PARTS or part.startswith("lora_") for part in name.split("."))
+
+
+def refuse_adapters(names: Iterable[str]) -> None:
+    """Raise if some tensor names come from PEFT adapters still attached: saved as they are, they give a folder
+    in no released layout, which neither `from_pretrained` nor transformers can load."""
+    wrapped = [n for n in names if _is_adapter_name(n)]
+    if wrapped:
+        raise InputError(
+            f"model: {len(wrapped)} tensor(s) belong to PEFT adapters that are still attached (e.g. {wrapped[0]!r}); "
+            "expected a model in the released layout: merge the adapters first (peft_model.merge_and_unload()), "
+            "or save the adapters alone with PeftModel.save_pretrained"
+        )
+
+
 # ---- reading safetensors ----------------------------------------------------------------------------------
 class SafetensorsFile:
     """A safetensors file read by header + offsets, one tensor at a time, straight into a destination."""
@@ -188,24 +209,59 @@ class SafetensorsFile:
 def checkpoint_files(folder: str | Path) -> dict[str, Path]:
     """Tensor name -> shard path for a folder with `model.safetensors` or a sharded index."""
     folder = Path(folder)
+    if folder.is_file():
+        raise MissingFileError(
+            f"checkpoint folder: expected a folder, got the file {str(folder)!r}; pass the folder that holds it "
+            f"({str(folder.parent)!r})"
+        )
     if not folder.is_dir():
         raise MissingFileError(f"checkpoint folder {str(folder)!r} does not exist")
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) that are not in the folder: {missing}")
-        return {name: folder / f for name, f in weight_map.items()}
+        files = {name: folder / f for name, f in _read_weight_map(index).items()}
+        _check_index_against_shards(index, files)
+        return files
     single = folder / SINGLE_FILE
     if single.is_file():
         return {name: single for name in SafetensorsFile(single).entries}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise CheckpointError(f"{folder}: only safetensors checkpoints are read (found pickle files, not loaded)")
     raise MissingFileError(f"checkpoint folder {str(folder)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's weight_map, checked to map tensor names to shard file names of the folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{index}: weight_map must be a JSON object of tensor name -> shard file, got {type(weight_map).__name__}"
+        )
+    # Plain file names only: an index must not send the reader to files outside its folder.
+    bad = [(n, f) for n, f in weight_map.items() if not isinstance(f, str) or not f or Path(f).name != f]
+    if bad:
+        raise CheckpointError(
+            f"{index}: weight_map must map each tensor to a shard file name in the folder; got "
+            + ", ".join(f"{n!r}: {f!r}" for n, f in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        )
+    missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if missing:
+        raise CheckpointError(f"{index} names shard(s) that are not in the folder: {missing}")
+    return weight_map
+
+
+def _check_index_against_shards(index: Path, files: dict[str, Path]) -> None:
+    """Every tensor is in the shard the index names: a stale index (shards edited or replaced by hand) would
+    otherwise fail deep inside a read, or let a merge silently skip a tensor."""
+    held = {path: SafetensorsFile(path).entries for path in sorted(set(files.values()))}
+    stale = [(n, p.name) for n, p in files.items() if n not in held[p]]
+    if stale:
+        raise CheckpointError(
+            f"{index} is stale: {len(stale)} tensor(s) are not in the shard it names: "
+            + ", ".join(f"{n} (-> {f})" for n, f in stale[:8]) + (" ..." if len(stale) > 8 else "")
+        )
 
 
 # ---- materialising a meta model ---------------------------------------------------------------------------
@@ -378,14 +434,23 @@ def _listing(rows, limit: int = 12) -> str:
 
 # ---- saving ------------------------------------------------------------------------------------------------
 def parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
-    if m is None:
-        raise InputError(f"max_shard_size: expected an int or a string like '5GB', got {size!r}")
-    unit = (m[2] or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m[1]) * scale)
+    """Bytes from an int or a string like '5GB' / '500MiB'; at least one byte (a zero, negative or fractional
+    size would otherwise put every tensor in a shard of its own)."""
+    expected = "a positive int of bytes or a string like '5GB'"
+    if isinstance(size, int) and not isinstance(size, bool):
+        nbytes = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
+        if m is None:
+            raise InputError(f"max_shard_size: expected {expected}, got {size!r}")
+        unit = (m[2] or "B").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+        nbytes = int(float(m[1]) * scale)
+    else:
+        raise InputError(f"max_shard_size: expected {expected}, got {size!r}")
+    if nbytes < 1:
+        raise InputError(f"max_shard_size: expected {expected}, got {size!r} ({nbytes} bytes)")
+    return nbytes
 
 
 def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
@@ -409,16 +474,22 @@ def save_checkpoint(
     """Write `tensors` (released names) + `config.json` to `out_dir` atomically.
 
     Everything goes into a temporary sibling folder that replaces `out_dir` only once complete, so an
-    interrupted save leaves an existing checkpoint at `out_dir` as it was and no partial files behind. Other
-    files of an existing `out_dir` (tokenizer, chat template, processor settings) are carried over.
+    interrupted save leaves an existing checkpoint at `out_dir` as it was (a hard kill can leave the hidden
+    `.NAME.tmp-*` sibling behind). Everything else in an existing `out_dir` -- files and subfolders (tokenizer,
+    chat template, logs) -- is kept; only the weights and index of an earlier save there are replaced. A
+    symlinked `out_dir` is updated through the link.
     """
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"out_dir: {str(out_dir)!r} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    refuse_adapters(tensors)
+    on_meta = [n for n, t in tensors.items() if t.is_meta]
+    if on_meta:
+        raise InputError(
+            f"model: {len(on_meta)} tensor(s) are on the meta device and hold no data (e.g. {on_meta[0]!r}); "
+            "expected a materialised model (load it with from_pretrained or call checkpoint.materialize)"
+        )
     limit = parse_size(max_shard_size)
+    out_dir = prepare_out_dir(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         groups = _shards(tensors, limit)
@@ -437,20 +508,81 @@ def save_checkpoint(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
-        _carry_other_files(out_dir, tmp)
-        _replace_dir(tmp, out_dir)
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _carry_other_files(old: Path, new: Path) -> None:
-    """Copy the files of an existing checkpoint folder that the new save does not replace (weights excepted)."""
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """The real folder a save replaces, its parent created. Resolved: a save swaps folders in the parent, so a
+    symlink must lead to its target (the link then keeps pointing at the new folder) and '.' to a named folder."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise InputError(f"out_dir: expected a folder path (str or Path), got {type(out_dir).__name__}")
+    path = Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"out_dir: {str(out_dir)!r} exists and is not a folder")
+    if path.parent == path or os.path.ismount(path):
+        raise InputError(
+            f"out_dir: {str(out_dir)!r} is a filesystem root or mount point, which a save cannot replace; "
+            "expected a folder inside it"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# The files a save writes or makes stale: weights of an earlier save with another shard count, and its index.
+_WEIGHT_FILE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
+
+
+def is_weight_file(name: str) -> bool:
+    return name == INDEX_FILE or _WEIGHT_FILE.match(name) is not None
+
+
+def commit_dir(new: Path, out_dir: Path) -> None:
+    """Swap the finished folder `new` in for `out_dir` (resolved, see `prepare_out_dir`), keeping everything
+    of the old folder that the save neither wrote nor made stale."""
+    _carry_other_entries(out_dir, new)
+    cwd = _cwd_within(out_dir)
+    _replace_dir(new, out_dir)
+    if cwd is not None:  # the process was inside the old folder, now deleted: step into its replacement
+        os.chdir(cwd)
+
+
+def _carry_other_entries(old: Path, new: Path) -> None:
+    """Put every file and subfolder of `old` that `new` lacks (model weights and index excepted) into `new`.
+
+    Files are hard-linked (copied where the filesystem has no links), so this costs almost nothing and the old
+    folder stays untouched until the swap: an interrupted save loses nothing.
+    """
     if not old.is_dir():
         return
-    for f in old.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_FILE and not (new / f.name).exists():
-            shutil.copy2(f, new / f.name)
+    for item in old.iterdir():
+        target = new / item.name
+        if target.exists() or target.is_symlink() or is_weight_file(item.name):
+            continue
+        if item.is_symlink():
+            os.symlink(os.readlink(item), target)
+        elif item.is_dir():
+            shutil.copytree(item, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, target)
+
+
+def _link_or_copy(src, dst) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return str(dst)
+
+
+def _cwd_within(folder: Path) -> Path | None:
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:
+        return None
+    return cwd if cwd == folder or folder in cwd.parents else None
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -204,6 +204,8 @@ class AudioEncoderConfig(_Section):
         _check_heads(self, path, self.d_model, self.encoder_attention_heads)
         if self.d_model % self.encoder_attention_heads:
             raise ConfigError(f"{path}.encoder_attention_heads: must divide d_model={self.d_model}")
+        if self.n_window < 1:  # the window length divides n_window_infer below and the mel frames later
+            raise ConfigError(f"{path}.n_window: must be >= 1, got {self.n_window}")
         if self.n_window_infer % (2 * self.n_window):
             raise ConfigError(
                 f"{path}.n_window_infer: must be a multiple of 2 * n_window = {2 * self.n_window}, "
@@ -237,6 +239,8 @@ class VisionEncoderConfig(_Section):
 
     def _validate(self, path):
         _check_heads(self, path, self.hidden_size, self.num_heads)
+        if self.hidden_size % self.num_heads:  # head_dim = hidden_size // num_heads must be exact
+            raise ConfigError(f"{path}.num_heads: must divide hidden_size={self.hidden_size}, got {self.num_heads}")
         bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
         if bad:
             raise ConfigError(f"{path}.deepstack_visual_indexes: layers {bad} are outside 0..{self.depth - 1}")
@@ -399,6 +403,11 @@ class Code2WavConfig(_Section):
 
     def _validate(self, path):
         _check_heads(self, path, self.hidden_size, self.num_attention_heads, self.num_key_value_heads)
+        if self.hidden_size % self.num_attention_heads:  # head_dim is derived, so it must divide exactly
+            raise ConfigError(
+                f"{path}.num_attention_heads: must divide hidden_size={self.hidden_size}, "
+                f"got {self.num_attention_heads}"
+            )
         if self.decoder_dim % 2 ** len(self.upsample_rates):
             raise ConfigError(f"{path}.decoder_dim: must be divisible by 2**len(upsample_rates)")
 
@@ -552,7 +561,10 @@ class Qwen3OmniConfig(_Section):
             where = f"folder {str(path)!r} has no config.json" if path.is_dir() else f"{str(path)!r} does not exist"
             raise MissingFileError(f"Qwen3OmniConfig.from_pretrained(path): {where}")
         try:
-            raw = json.loads(file.read_text())
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:  # e.g. a safetensors file or a Latin-1 file passed as the config
+            raise ConfigError(f"{file}: expected a UTF-8 JSON config file, got undecodable bytes ({e.reason} at "
+                              f"byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from None
         return cls.from_dict(raw)

@@ -147,18 +147,40 @@ class Qwen3Omni(nn.Module):
     ) -> None:
         """Write the released layout (sharded safetensors + index + config.json), atomically.
 
-        A model without talker/code2wav saves as a thinker-only checkpoint (enable_audio_output: false).
-        With `merge_into=checkpoint_dir`, that checkpoint is written instead, with this model's tensors in
-        place of its own (e.g. a fine-tuned thinker into the full release; see `training.save_merged`).
+        A thinker-only model saves as a thinker-only checkpoint (enable_audio_output: false), a model with all
+        three parts as the full one. The released layout has no other component set, so a model loaded with
+        part of the speech side (e.g. components={"thinker", "talker"} for talker training) needs
+        `merge_into=checkpoint_dir`: that checkpoint is written instead, with this model's tensors in place of
+        its own (e.g. a fine-tuned thinker or talker into the full release; see `training.save_merged`).
         """
         if merge_into is not None:
             from ..training.saving import save_merged
 
             return save_merged(self, out_dir, merge_into)
-        config = self.config if self.has_talker else self.config.thinker_only()
-        out = config.to_dict()
-        out["dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        out = saved_config(self, next(self.parameters()).dtype)
         ckpt.save_checkpoint(ckpt.export_state_dict(self), out_dir, out, max_shard_size)
+
+
+def saved_config(model: Qwen3Omni, dtype: torch.dtype) -> dict:
+    """config.json for a checkpoint of what `model` holds: thinker-only or full, the two released layouts.
+
+    Any other component set is refused: a config without the talker would make a reload skip the saved talker
+    tensors silently, and one without the thinker (or Code2Wav) describes tensors the folder does not have.
+    """
+    held = set(model.components)
+    if held == {"thinker"}:
+        config = model.config.thinker_only()
+    elif held == set(COMPONENTS):
+        config = model.config
+    else:
+        raise InputError(
+            f"components: a model holding {sorted(held)} cannot be saved on its own; a checkpoint holds either the "
+            f"thinker alone or all of {list(COMPONENTS)}. Pass merge_into=<the checkpoint it was loaded from> to "
+            "write that checkpoint with this model's tensors in place of its own"
+        )
+    out = config.to_dict()
+    out["dtype"] = str(dtype).removeprefix("torch.")
+    return out
 
 
 def _as_dtype(dtype) -> torch.dtype | None:

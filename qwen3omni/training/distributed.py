@@ -129,17 +129,28 @@ def full_state_dict(model: nn.Module, released_names: bool = True) -> dict[str, 
     return out
 
 
-def save_sharded(model: nn.Module, out_dir, max_shard_size: int | str = "5GB") -> None:
+def save_sharded(model: nn.Module, out_dir, max_shard_size: int | str = "5GB", merge_into=None) -> None:
     """`Qwen3Omni.save_pretrained` for a sharded model: gathers the full tensors, and rank 0 writes them.
 
-    A collective: call it on every rank.
+    A collective: call it on every rank. As `save_pretrained`, a model with only part of the speech side needs
+    `merge_into=<original checkpoint>` (then `max_shard_size` is base's layout and is not used).
     """
     import torch.distributed as dist
 
+    from ..model.omni import saved_config
+
+    # Checked on every rank before the gather, so a refused save raises everywhere instead of leaving the
+    # other ranks waiting in the barrier.
+    ckpt.refuse_adapters(model.state_dict())
+    if merge_into is None:
+        saved_config(model, torch.float32)
     state = full_state_dict(model)
     if dist.get_rank() == 0:
-        config = model.config if model.has_talker else model.config.thinker_only()
-        meta = config.to_dict()
-        meta["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        ckpt.save_checkpoint(state, out_dir, meta, max_shard_size)
+        if merge_into is not None:
+            from .saving import merge_tensors
+
+            merge_tensors(state, out_dir, merge_into)
+        else:
+            meta = saved_config(model, next(iter(state.values())).dtype)
+            ckpt.save_checkpoint(state, out_dir, meta, max_shard_size)
     dist.barrier()

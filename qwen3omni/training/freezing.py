@@ -115,8 +115,11 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool = True, stacks: I
     else:
         items = _patterns(stacks)
         chosen = {n: m for n, m in found.items() if any(_selects(n, p) for p in items)}
-        if not chosen:
-            raise InputError(f"stacks: {items} match none of this model's layer stacks {sorted(found)}")
+        # Each pattern must select something, as in `select_parameters`: a misspelled stack beside a correct one
+        # would otherwise silently stay without checkpointing.
+        unused = [p for p in items if not any(_selects(n, p) for n in found)]
+        if unused:
+            raise InputError(f"stacks: {unused} match none of this model's layer stacks {sorted(found)}")
     for stack in chosen.values():
         stack.gradient_checkpointing = enabled
     return sorted(chosen)

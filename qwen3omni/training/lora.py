@@ -52,7 +52,7 @@ TALKER_TARGETS = [*ATTENTION, *DENSE_MLP, *TALKER_INPUTS]
 def linear_names(module: nn.Module, leaves: Iterable[str] | None = None, under: str | None = None) -> list[str]:
     """Full names of the `nn.Linear` modules of `module` (relative to it) whose names end with one of
     `leaves` (default: any), optionally only under the prefix `under` -- an explicit `target_modules` list."""
-    wanted = None if leaves is None else tuple(leaves)
+    wanted = None if leaves is None else (leaves,) if isinstance(leaves, str) else tuple(leaves)  # a str is one name
     names = []
     for name, child in module.named_modules():
         if not isinstance(child, nn.Linear):

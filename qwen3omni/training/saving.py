@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import _replace_dir, checkpoint_files, export_state_dict
+from ..checkpoint import (
+    INDEX_FILE,
+    checkpoint_files,
+    commit_dir,
+    export_state_dict,
+    is_weight_file,
+    prepare_out_dir,
+    refuse_adapters,
+)
 from ..errors import CheckpointError
 
 
@@ -25,21 +33,26 @@ def save_merged(model: nn.Module, out_dir: str | Path, base: str | Path) -> None
     """Write `base` with `model`'s tensors replacing base's tensors of the same (released) names, to `out_dir`.
 
     Every tensor of `model` must exist in `base` with the same shape. `out_dir` may equal `base` (it is replaced
-    atomically once the new folder is complete).
+    atomically once the new folder is complete). Whatever else an existing `out_dir` holds (files, subfolders)
+    is kept; base's own files of the same names win.
     """
+    merge_tensors(export_state_dict(model), out_dir, base)
+
+
+def merge_tensors(ours: dict[str, torch.Tensor], out_dir: str | Path, base: str | Path) -> None:
+    """`save_merged` for tensors already in the released layout (e.g. gathered from a sharded model)."""
     from safetensors.torch import load_file, save_file
 
+    refuse_adapters(ours)
     base = Path(base)
     files = checkpoint_files(base)
-    ours = export_state_dict(model)
     missing = sorted(set(ours) - set(files))
     if missing:
         raise CheckpointError(
             f"save_merged: {len(missing)} tensor(s) of the model are not in {base}: {missing[:8]}"
             + (" ..." if len(missing) > 8 else "")
         )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         for shard_path in sorted(set(files.values())):
@@ -57,9 +70,10 @@ def save_merged(model: nn.Module, out_dir: str | Path, base: str | Path) -> None
             save_file(shard, str(tmp / shard_path.name), metadata={"format": "pt"})
             del shard
         for item in base.iterdir():  # config, index, tokenizer, templates: as in base
-            if item.is_file() and item.suffix != ".safetensors":
-                shutil.copy2(item, tmp / item.name)
-        _replace_dir(tmp, out_dir)
+            if item.is_file() and (item.name == INDEX_FILE or not is_weight_file(item.name)):
+                if not (tmp / item.name).exists():
+                    shutil.copy2(item, tmp / item.name)
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
