@@ -3,7 +3,8 @@
 `generate` runs the three stages one after another, like the reference. `stream` interleaves them in one
 process: the talker starts as soon as the thinker has produced its first answer token, every talker frame goes
 straight through the code predictor and the incremental Code2Wav decoder, and events are yielded as soon as
-they are ready. Both read the same talker prompt and text schedule, so their outputs agree.
+they are ready. Both read the same talker prompt and text schedule, so their outputs agree (for sampling with a
+shared seed, see `stream`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from ..model.placement import device_of
 from ..model.thinker import check_token_ids
 from .sampling import SamplingConfig
 from .speech import SpeechSettings, talker_frames
-from .talker_input import assistant_start, project_text, speaker_id, talker_prompt, trailing_text
-from .text import MEDIA_KEYS, thinker_steps
+from .talker_input import check_speech_prompt, project_text, speaker_id, talker_prompt, trailing_text
+from .text import MEDIA_KEYS, check_attention_mask, eos_ids, thinker_steps
 
 IM_END = 151645
 
@@ -84,6 +85,13 @@ def make_plan(
         raise InputError(f"generate: unknown argument(s) {unknown}")
     if model.thinker is None:
         raise InputError(f"generate: needs the thinker, but this model holds only {list(model.components)}")
+    _expect_flag(return_audio, "return_audio")
+    _expect_flag(cuda_graphs, "cuda_graphs")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InputError(
+            f"generator: expected a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None, "
+            f"got {describe(generator)}"
+        )
     if return_audio is None:
         return_audio = model.has_talker
     if return_audio and not model.has_talker:
@@ -110,8 +118,21 @@ def make_plan(
             generator=generator,
             cuda_graphs=cuda_graphs,
         )
-    eos = [IM_END] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-    return Plan(text, speech, max_new_tokens, list(eos), spk, generator, cuda_graphs, media), return_audio
+    eos = [IM_END] if eos_token_id is None else eos_ids(eos_token_id)
+    return Plan(text, speech, max_new_tokens, eos, spk, generator, cuda_graphs, media), return_audio
+
+
+def _expect_flag(value, name: str) -> None:
+    """True, False or None (= the default) only: a truthy string such as "no" or "off" must not mean yes."""
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"{name}: expected True, False or None, got {describe(value)}")
+
+
+def _check_inputs(model, plan: Plan, input_ids, attention_mask, return_audio: bool) -> None:
+    """Everything about the inputs that can be checked before the thinker runs, so that a bad call fails fast."""
+    check_attention_mask(input_ids, attention_mask)
+    if return_audio:
+        check_speech_prompt(model, input_ids, attention_mask, plan.speech.max_new_tokens)
 
 
 def _first_hits(tokens_BN: torch.Tensor, eos: list[int]) -> torch.Tensor:
@@ -125,8 +146,7 @@ def _first_hits(tokens_BN: torch.Tensor, eos: list[int]) -> torch.Tensor:
 def generate(model, input_ids, attention_mask=None, return_audio=None, **kwargs) -> GenerationOutput:
     check_token_ids(input_ids)
     plan, return_audio = make_plan(model, return_audio, **kwargs)
-    if return_audio:
-        assistant_start(model.config, input_ids)  # fail before the thinker runs, not after
+    _check_inputs(model, plan, input_ids, attention_mask, return_audio)
     thinker = model.thinker
     keep = (model.config.talker.accept_hidden_layer,) if return_audio else ()
     tokens, accept_hidden = [], None
@@ -182,7 +202,13 @@ def stream(
     push, up to `audio_chunk_frames`. Code2Wav's cost per push is mostly fixed (on a GPU, 8 frames cost about
     what 1 does), and doubling keeps each chunk shorter than the audio already delivered, so a player that
     starts at the first chunk is not starved while the next one is made. The samples are the same for any
-    chunking."""
+    chunking.
+
+    With greedy decoding, or with only one of text and speech sampled, the text and audio equal `generate`'s
+    for the same arguments and `generator` seed. With both sampled they differ: the stages share the one
+    `generator` (or torch's global one), `generate` makes every text draw before the first speech draw (as
+    transformers does), and `stream` alternates them, one answer token per codec frame. Each run is still
+    reproducible for its seed."""
     check_token_ids(input_ids)
     expect_int(audio_chunk_frames, "audio_chunk_frames", least=1)
     if input_ids.shape[0] != 1:
@@ -191,8 +217,7 @@ def stream(
             "batches"
         )
     plan, return_audio = make_plan(model, return_audio, **kwargs)
-    if return_audio:
-        assistant_start(model.config, input_ids)
+    _check_inputs(model, plan, input_ids, attention_mask, return_audio)
     keep = (model.config.talker.accept_hidden_layer,) if return_audio else ()
     steps = thinker_steps(
         model.thinker, input_ids, attention_mask, plan.max_new_tokens, plan.text, plan.eos,
@@ -222,12 +247,14 @@ def _stream_speech(model, plan: Plan, input_ids, attention_mask, first, accept_h
 
     def text_for_step(g: int) -> torch.Tensor:
         # Step g reads answer token g + 1: its projection, tts_eos if it is the final token, tts_pad past it.
+        # A one-token answer has no token 1, yet its text ended: step 0 reads tts_eos (as in `trailing_text`
+        # and the reference, whose trailing text is then [tts_eos] alone).
         while len(answer) < g + 2 and not finished[0]:
             pull_token()
+        if finished[0] and g == max(len(answer) - 2, 0):
+            return markers.eos[None]
         if g + 1 >= len(answer):
             return markers.pad[None]
-        if finished[0] and g + 1 == len(answer) - 1:
-            return markers.eos[None]
         return project_text(model, answer[g + 1])
 
     decoder = model.code2wav.streaming_decoder()

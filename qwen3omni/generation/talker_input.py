@@ -105,6 +105,38 @@ def assistant_start(config, input_ids: torch.Tensor) -> int:
     return int(idx[-1])
 
 
+ASSISTANT_HEAD = 3  # <|im_start|>, assistant, \n: the prompt's last tokens, before the answer
+ASSISTANT_INPUTS = 9  # what `assistant_part` makes of them, the first answer token and the speaker
+
+
+def check_speech_prompt(model, input_ids: torch.Tensor, attention_mask, talker_max_new_tokens: int) -> None:
+    """What the talker will need from the prompt, checked before the thinker runs rather than after it.
+
+    The prompt must end with `<|im_start|>assistant\\n`: the talker speaks the generated answer only, and tokens
+    pre-filled after that head would be silently missing from the speech (transformers speaks them), so such a
+    prompt is refused. And the talker's prompt plus `talker_max_new_tokens` frames must fit its
+    positions, as the thinker's prompt plus `max_new_tokens` must fit the thinker's."""
+    cfg = model.config
+    start = assistant_start(cfg, input_ids)
+    after = input_ids.shape[1] - (start + ASSISTANT_HEAD)
+    if after != 0:
+        got = f"{after} token(s) after it" if after > 0 else "a prompt that stops inside it"
+        raise InputError(
+            "input_ids: with return_audio=True the prompt must end with '<|im_start|>assistant\\n' (the "
+            f"processor's generation prompt), got {got}; a pre-filled answer start is not spoken by the talker, "
+            "so it is refused (pass return_audio=False to continue it as text only)"
+        )
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    length = int(user_turn_mask(cfg, input_ids, mask).sum(dim=-1).max()) + ASSISTANT_INPUTS
+    limit = cfg.talker.text.max_position_embeddings
+    if length + talker_max_new_tokens > limit:
+        raise InputError(
+            f"talker_max_new_tokens: a talker prompt of {length} tokens + talker_max_new_tokens="
+            f"{talker_max_new_tokens} exceeds the talker's max_position_embeddings={limit}; expected at most "
+            f"{limit - length}"
+        )
+
+
 def assistant_part(model, head_ids: torch.Tensor, speaker: int, markers: TtsMarkers):
     """The assistant turn's 9 talker inputs from its first 4 tokens (<|im_start|>, assistant, \\n, first answer
     token) and the speaker id: ([B, 9, C], [B, 9] tts_pad ids)."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError, expect_int
+from ..errors import InputError, describe, expect_int
 from .graphs import StaticDecoder, graphs_wanted, static_steps
 from .sampling import SamplingConfig, next_token
 
@@ -30,13 +31,49 @@ class TextGeneration:
         return self.sequences[:, self.prompt_length :]
 
 
-def eos_tensor(eos_token_id, device) -> torch.Tensor | None:
-    if eos_token_id is None:
+def eos_ids(value, name: str = "eos_token_id") -> list[int] | None:
+    """Stop ids as a list of ints, from an int, a list or tuple of ints, or an integer tensor / numpy value of at
+    most one dimension (what a tokenizer's config may hold). Bools are refused: True is not token 1."""
+    if value is None:
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not ids or not all(isinstance(i, int) for i in ids):
-        raise InputError(f"eos_token_id: expected an int or a list of ints, got {eos_token_id!r}")
-    return torch.tensor(ids, device=device)
+    tolist = getattr(value, "tolist", None)  # torch and numpy scalars and arrays -> Python ints (or bools)
+    raw = tolist() if callable(tolist) and not isinstance(value, (list, tuple)) else value
+    ids = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    if not ids or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise InputError(
+            f"{name}: expected a token id (an int >= 0) or a non-empty list of them, got {describe(value)}"
+        )
+    return [int(i) for i in ids]
+
+
+def eos_tensor(eos_token_id, device) -> torch.Tensor | None:
+    ids = eos_ids(eos_token_id)
+    return None if ids is None else torch.tensor(ids, device=device)
+
+
+def check_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """The mask must have input_ids' shape and pad on the left, as the processor does. Every row's new tokens go
+    in the same next column, so a right-padded row would continue after its padding (a wrong answer, silently),
+    and a row of padding only has nothing to continue from."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        expected = f"shape {list(input_ids.shape)} (that of input_ids)"
+        raise InputError(f"attention_mask: expected {expected}, got {describe(attention_mask)}")
+    real = attention_mask != 0
+    empty = ~real.any(dim=1)
+    pad_after_token = (real[:, :-1] & ~real[:, 1:]).any(dim=1)
+    bad = (empty | pad_after_token).nonzero().flatten().tolist()  # one host sync, at prefill only
+    if not bad:
+        return
+    b = bad[0]
+    row = attention_mask[b].tolist()
+    shown = row if len(row) <= 12 else row[:6] + ["..."] + row[-6:]
+    what = "is all zeros (no token to continue from)" if bool(empty[b]) else "has padding after a token"
+    raise InputError(
+        f"attention_mask: row {b} {what}: {shown}; generation needs left padding (zeros, then ones), as the "
+        "processor makes it (for a tokenizer, set padding_side='left')"
+    )
 
 
 def thinker_steps(
@@ -65,6 +102,7 @@ def thinker_steps(
 
     expect_int(max_new_tokens, "max_new_tokens", least=1)
     check_token_ids(input_ids)
+    check_attention_mask(input_ids, attention_mask)
     unknown = sorted(set(media) - set(MEDIA_KEYS))
     if unknown:
         raise InputError(f"generate: unknown input(s) {unknown}; expected the processor's keys {list(MEDIA_KEYS)}")

@@ -97,6 +97,8 @@ class Qwen3Omni(nn.Module):
         talker_repetition_penalty, talker_max_new_tokens. Code predictor: predictor_do_sample (default: as the
         talker), predictor_temperature, predictor_top_k, predictor_top_p. `generator` seeds all sampling.
         Returns `GenerationOutput(sequences, audio, codes)`; `audio` is None without speech.
+        Rows must be left-padded, as the processor makes them. With speech the prompt must end with
+        `<|im_start|>assistant\\n`: a pre-filled answer start would not be spoken, so it is refused.
         """
         from ..generation.pipeline import generate
 
@@ -106,7 +108,9 @@ class Qwen3Omni(nn.Module):
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Like `generate` (batch size 1), but yields `StreamEvent(kind, data)` as soon as each piece is ready:
         ("text", new token ids) and ("audio", new 24 kHz samples). Speech starts after the first codec frame;
-        later pushes to Code2Wav double in size up to `audio_chunk_frames` (default 8) frames."""
+        later pushes to Code2Wav double in size up to `audio_chunk_frames` (default 8) frames. With both text and
+        speech sampled, one `generator` seed gives other draws than in `generate` (which draws all text first),
+        though each is reproducible; greedy or single-stage sampling gives `generate`'s outputs."""
         from ..generation.pipeline import stream
 
         yield from stream(self, input_ids, attention_mask, **kwargs)
