@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ def load_audio(source, sampling_rate: int | None = None, *, target_rate: int = S
         samples, rate = _read_file(samples, name)
     mono = _to_mono(_as_float_samples(samples, name), name)
     _check_samples(mono, name)
-    return resample(mono, rate, target_rate)
+    return resample(mono, rate, target_rate, name=name)
 
 
 def _unpack(source, sampling_rate, name):
@@ -137,13 +138,27 @@ def _check_samples(mono: torch.Tensor, name: str) -> None:
         raise InputError(f"{name}: the audio has {bad} NaN or infinite samples")
 
 
-def resample(mono: torch.Tensor, rate, target_rate: int = SAMPLING_RATE) -> torch.Tensor:
-    """Resample a 1-D waveform with soxr (its high-quality preset, as librosa's default uses)."""
-    if rate is None or rate == target_rate:
+def positive_rate(value, name: str, what: str = "sampling_rate", unit: str = "samples per second") -> float:
+    """`value` as a float rate; else an InputError naming `name` and `what`.
+
+    Any real number type is taken: numpy scalars (np.int64, np.float32 ...) are what pandas, datasets columns
+    and numpy arithmetic hand back. Bools are refused although Python counts them as numbers.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
+        raise InputError(f"{name}: {what} must be a positive number of {unit} (finite, not a bool), "
+                         f"got {describe(value)}")
+    return float(value)
+
+
+def resample(mono: torch.Tensor, rate, target_rate: int = SAMPLING_RATE, name: str = "audio") -> torch.Tensor:
+    """Resample a 1-D waveform with soxr (its high-quality preset, as librosa's default uses); `rate` None means
+    the waveform is at `target_rate` already. `name` says which audio in error messages."""
+    if rate is None:
         return mono.contiguous()
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0:
-        raise InputError(f"sampling_rate: expected a positive number of samples per second, got {rate!r}")
-    out = soxr.resample(mono.detach().cpu().numpy(), float(rate), float(target_rate), quality="HQ")
+    rate = positive_rate(rate, name)
+    if rate == target_rate:
+        return mono.contiguous()
+    out = soxr.resample(mono.detach().cpu().numpy(), rate, float(target_rate), quality="HQ")
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(mono.device)
 
 
@@ -195,19 +210,24 @@ def _padded_batch(waveforms: Sequence[torch.Tensor], settings: MelSettings, devi
 
 
 def log_mel_features(
-    waveforms: Sequence[torch.Tensor], settings: MelSettings = MelSettings(), device=None
+    waveforms: Sequence[torch.Tensor], settings: MelSettings = MelSettings(), device=None,
+    names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel features of a batch of mono 16 kHz waveforms, padded to the longest.
 
     Returns `features [B, n_mels, frames]` (float32) and `mask [B, frames]` (int32, 1 on each clip's own
     frames), with `frames = longest // hop_length`. Runs on `device` (default: the first waveform's device).
+    `names` (one per waveform) say which input a bad waveform came from; by default "audio <index>".
     """
     if len(waveforms) == 0:
         raise InputError("waveforms: expected at least one waveform, got none")
-    for i, wave in enumerate(waveforms):
+    names = list(names) if names is not None else [f"audio {i}" for i in range(len(waveforms))]
+    for wave, name in zip(waveforms, names, strict=True):
+        # Refused even in a batch, where the reference pads it to a longer clip: on its own the STFT cannot take
+        # it, so whether it worked would depend on the rest of the batch.
         if wave.ndim != 1 or wave.numel() < settings.min_samples:
             raise InputError(
-                f"audio {i}: expected a mono waveform of at least {settings.min_samples} samples "
+                f"{name}: expected a mono waveform of at least {settings.min_samples} samples "
                 f"({1000 * settings.min_samples / settings.sampling_rate:.1f} ms), got {describe(wave)}"
             )
     device = torch.device(device) if device is not None else waveforms[0].device

@@ -132,7 +132,10 @@ def render_builtin(conversation: list[dict], add_generation_prompt: bool = True)
     """The prompt the official Qwen3-Omni template writes for system / user / assistant conversations.
 
     ChatML turns; media become their placeholder runs in place. A leading system message with list content
-    gets one system turn per item, as the official template does. Assistant turns are written as given.
+    gets one system turn per item, as the official template does. Assistant turns are written as given: none
+    of the Thinking template's <think> rules (an empty think block before a final assistant turn, think blocks
+    stripped from earlier turns, `reasoning_content`) is applied, so for assistant turns it matches the
+    Thinking template only where those rules change nothing. Folders that ship a template use their own.
     """
     turns = []
     body = conversation

@@ -6,16 +6,19 @@ padded), and when present `input_features`, `feature_attention_mask`, `pixel_val
 with it, `use_audio_in_video=True` is added: the position ids of that layout differ, and transformers' model
 takes the flag as an argument of the same name.
 
-`video_second_per_grid` is temporal_patch_size / fps, where fps is the rate of the frames the model sees:
-video files are sampled at it (default 2) and frame lists are taken to be at it. transformers' processor
-uses the same formula with its `fps` argument but falls back to fps = 1 when none is passed, even for frames
-sampled at 2 fps; pass `videos_kwargs={"fps": 2.0}` to it to compare.
+`video_second_per_grid` is temporal_patch_size / fps, where fps is the rate of the frames the model sees.
+Frame lists are taken to be at the requested fps (default 2). Video files are sampled at it, and then it is
+the rate too, except where `min_frames`, `max_frames` or the file's own length set the number of frames
+kept (a file slower than fps, a clip shorter than 2 s, one longer than 384 s): there the rate of the frames
+actually kept is used (`video.kept_frame_rate`), as Qwen's qwen-omni-utils does, since the model's time
+positions and the audio interleaving must follow the real timestamps. transformers' processor always uses
+the requested fps, and falls back to fps = 1 when none is passed, even for frames sampled at 2 fps; pass
+`videos_kwargs={"fps": 2.0}` to it to compare (it agrees with us wherever the count follows duration * fps).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ import torch
 
 from ..errors import ConfigError, InputError, MissingFileError, describe, expect_device
 from ..model.positions import audio_token_count
-from .audio import MelSettings, load_audio, log_mel_features
+from .audio import MelSettings, load_audio, log_mel_features, positive_rate
 from .chat import compile_template, media_items, normalize_conversations, render_builtin, render_template
 from .placeholders import (
     SpecialTokens,
@@ -33,7 +36,7 @@ from .placeholders import (
     interleaved_video_audio,
     placeholder_kinds,
 )
-from .video import FrameSampling, read_audio_track, read_video
+from .video import FrameSampling, read_audio_track, read_video_with_rate
 from .vision import VIDEO_SETTINGS, VisionSettings, frames_to_tensor, process_images, video_patches
 
 
@@ -53,7 +56,8 @@ class ProcessorSettings:
 @dataclass
 class _Video:
     frames: torch.Tensor  # uint8 [T, 3, H, W]
-    fps: float
+    fps: float  # the rate of `frames`
+    name: str  # the video as the user gave it, for error messages
     track: torch.Tensor | None = None  # mono 16 kHz, when its audio is used
 
 
@@ -114,14 +118,16 @@ class Processor:
         checked, _ = normalize_conversations(conversations)
         texts = [self._render(conv, add_generation_prompt, template_kwargs) for conv in checked]
         items = [item for c, conv in enumerate(checked) for item in media_items(conv, c)]
-        audio = [load_audio(i.value, i.options.get("sampling_rate"), target_rate=self.settings.mel.sampling_rate,
-                            name=i.name) for i in items if i.kind == "audio"]
+        audio = [i for i in items if i.kind == "audio"]
+        waves = [load_audio(i.value, i.options.get("sampling_rate"), target_rate=self.settings.mel.sampling_rate,
+                            name=i.name) for i in audio]
         images = [i for i in items if i.kind == "image"]
         videos = [i for i in items if i.kind == "video"]
         return self._process(
-            texts, [i.value for i in images], [i.value for i in videos], audio, use_audio_in_video,
+            texts, [i.value for i in images], [i.value for i in videos], waves, use_audio_in_video,
             video_fps=[i.options.get("fps", fps) for i in videos], device=device,
-            names={"image": [i.name for i in images], "video": [i.name for i in videos]},
+            names={kind: [i.name for i in group] for kind, group in
+                   (("image", images), ("video", videos), ("audio", audio))},
         )
 
     # -------------------------------------------------------------------------------------------------------
@@ -165,7 +171,9 @@ class Processor:
             raise InputError(f"video_audio: expected one entry per video ({len(videos)}), got {len(tracks)}")
         clips = [self._load_video(v, video_fps[i], video_names[i], use_audio_in_video, tracks[i], device)
                  for i, v in enumerate(videos)]
-        standalone_tokens, track_tokens = self._add_audio(out, _audio_slots(texts, tokens, waves, clips), device)
+        audio_names = names.get("audio") or [f"audio[{i}]" for i in range(len(waves))]
+        slots = _audio_slots(texts, tokens, list(zip(waves, audio_names)), clips)
+        standalone_tokens, track_tokens = self._add_audio(out, slots, device)
         if clips:
             replacements["video"] = self._add_videos(out, clips, track_tokens)
         if waves:
@@ -186,13 +194,11 @@ class Processor:
 
     def _load_video(self, value, fps, name, use_audio, track, device) -> _Video:
         sampling = self.settings.sampling
-        fps = sampling.fps if fps is None else fps
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
-            raise InputError(f"{name}: fps must be a positive number of frames per second, got {fps!r}")
+        fps = positive_rate(sampling.fps if fps is None else fps, name, "fps", "frames per second")
         is_file = isinstance(value, (str, Path))
-        if is_file:
-            frames = read_video(value, FrameSampling(fps, sampling.min_frames, sampling.max_frames,
-                                                     self.settings.video.temporal_patch_size), name)
+        if is_file:  # the kept frames' own rate, which differs from fps where a frame count limit applied
+            frames, fps = read_video_with_rate(value, FrameSampling(fps, sampling.min_frames, sampling.max_frames,
+                                                                    self.settings.video.temporal_patch_size), name)
         else:
             frames = frames_to_tensor(value, name)
         if device is not None:
@@ -201,17 +207,18 @@ class Processor:
             track = read_audio_track(value, self.settings.mel.sampling_rate, name)
         elif use_audio and track is not None:
             track = load_audio(track, target_rate=self.settings.mel.sampling_rate, name=f"{name} (audio track)")
-        return _Video(frames, fps, track if use_audio else None)
+        return _Video(frames, fps, name, track if use_audio else None)
 
-    def _add_audio(self, out, slots, device) -> tuple[list[int], list[int]]:
+    def _add_audio(self, out, slots: list[_AudioSlot], device) -> tuple[list[int], list[int]]:
         """Features of every audio in slot order; returns the token counts of standalone audio and of tracks."""
         if not slots:
             return [], []
-        features, mask = log_mel_features([wave for wave, _ in slots], self.settings.mel, device)
+        features, mask = log_mel_features([slot.wave for slot in slots], self.settings.mel, device,
+                                          names=[slot.name for slot in slots])
         out["input_features"], out["feature_attention_mask"] = features, mask
         counts = audio_token_count(mask.sum(-1), self.settings.n_window).tolist()
-        standalone = [n for n, (_, is_track) in zip(counts, slots) if not is_track]
-        return standalone, [n for n, (_, is_track) in zip(counts, slots) if is_track]
+        standalone = [n for n, slot in zip(counts, slots) if not slot.is_track]
+        return standalone, [n for n, slot in zip(counts, slots) if slot.is_track]
 
     def _add_videos(self, out, clips: list[_Video], track_tokens: list[int]) -> list[str]:
         s, tokens = self.settings, self.settings.tokens
@@ -282,17 +289,24 @@ def _as_list(ids):
     return ids.tolist() if isinstance(ids, torch.Tensor) else ids
 
 
-def _audio_slots(texts, tokens, waves, clips) -> list[tuple[torch.Tensor, bool]]:
+@dataclass(frozen=True)
+class _AudioSlot:
+    wave: torch.Tensor
+    name: str  # the audio (or the video of a track) as the user gave it, for error messages
+    is_track: bool
+
+
+def _audio_slots(texts, tokens, named_waves, clips: list[_Video]) -> list[_AudioSlot]:
     """Every waveform in order of appearance: a standalone audio per audio placeholder, a video's track (if
-    used) at its video placeholder. Returns (waveform, is_video_track) pairs."""
-    standalone, videos = iter(waves), iter(clips)
+    used) at its video placeholder. `named_waves` are (waveform, name) pairs of the standalone audio."""
+    standalone, videos = iter(named_waves), iter(clips)
     slots = []
     for text in texts:
         for kind in placeholder_kinds(text, tokens):
             if kind == "audio":
-                slots.append((next(standalone), False))
+                slots.append(_AudioSlot(*next(standalone), is_track=False))
             elif kind == "video" and (clip := next(videos)).track is not None:
-                slots.append((clip.track, True))
+                slots.append(_AudioSlot(clip.track, f"{clip.name} (audio track)", is_track=True))
     return slots
 
 
@@ -336,41 +350,79 @@ def _read_template(folder: Path, tokenizer) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _preprocessor_dict(folder: Path) -> dict:
-    """The feature extractor and image processor settings, flat (old layout) or nested (processor_config)."""
-    merged = {}
-    if (folder / "processor_config.json").is_file():
-        nested = _read_json(folder / "processor_config.json")
-        for part in ("feature_extractor", "image_processor"):
-            merged.update(nested.get(part) or {})
-    if (folder / "preprocessor_config.json").is_file():
-        merged.update(_read_json(folder / "preprocessor_config.json"))
-    return merged
+# Where transformers looks for each part's settings when a folder has no processor_config.json section for it.
+_FLAT_FILES = {
+    "feature_extractor": ("preprocessor_config.json",),
+    "image_processor": ("preprocessor_config.json",),
+    "video_processor": ("video_preprocessor_config.json", "preprocessor_config.json"),
+}
 
 
-def _read_settings(folder: Path, tokens: SpecialTokens) -> ProcessorSettings:
-    raw = _preprocessor_dict(folder)
+def _preprocessor_sections(folder: Path) -> dict[str, dict]:
+    """The settings of each part (feature_extractor, image_processor, video_processor), each on its own.
+
+    As transformers loads them: the part's section of `processor_config.json` (the nested layout
+    `save_pretrained` writes), else the first flat file that exists (the released folders ship one combined
+    `preprocessor_config.json`). Parts are never merged: transformers copies the combined file's keys into
+    every section it saves, so a stale `min_pixels` in the feature_extractor section must not reach images.
+    """
+    nested = _read_json(folder / "processor_config.json") if (folder / "processor_config.json").is_file() else {}
+    flat = {name: _read_json(folder / name) for name in {n for names in _FLAT_FILES.values() for n in names}
+            if (folder / name).is_file()}
+    sections = {}
+    for part, files in _FLAT_FILES.items():
+        section = nested.get(part)
+        if not isinstance(section, dict):
+            section = next((flat[name] for name in files if name in flat), {})
+        sections[part] = section
+    return sections
+
+
+def _pixel_budget(raw: dict, default: VisionSettings) -> tuple[int, int]:
+    """(min_pixels, max_pixels) as transformers' Qwen2-VL image processor reads them: `min_pixels` /
+    `max_pixels` keys (the released flat layout) win over `size` (what `save_pretrained` writes)."""
+    size = raw.get("size") or {}
+    low = raw.get("min_pixels") if raw.get("min_pixels") is not None else size.get("shortest_edge")
+    high = raw.get("max_pixels") if raw.get("max_pixels") is not None else size.get("longest_edge")
+    return int(default.min_pixels if low is None else low), int(default.max_pixels if high is None else high)
+
+
+def _vision_settings(raw: dict, default: VisionSettings, budget: tuple[int, int]) -> VisionSettings:
+    geometry = {k: int(raw[k]) for k in ("patch_size", "temporal_patch_size", "merge_size") if k in raw}
+    return VisionSettings(
+        **geometry, min_pixels=budget[0], max_pixels=budget[1],
+        image_mean=tuple(raw.get("image_mean", default.image_mean)),
+        image_std=tuple(raw.get("image_std", default.image_std)),
+        resample=int(raw.get("resample", default.resample)),
+    )
+
+
+def _mel_settings(raw: dict, folder: Path) -> MelSettings:
     if raw.get("dither", 0.0):
         raise ConfigError(f"{folder}: preprocessor 'dither' = {raw['dither']} adds random noise to the "
                           f"features; only 0.0 (the released value) is supported")
-    size = raw.get("size") or {}
-    mel = MelSettings(
+    return MelSettings(
         n_mels=int(raw.get("feature_size", 128)), n_fft=int(raw.get("n_fft", 400)),
         hop_length=int(raw.get("hop_length", 160)), sampling_rate=int(raw.get("sampling_rate", 16000)),
         padding_value=float(raw.get("padding_value", 0.0)),
     )
-    geometry = {k: int(raw[k]) for k in ("patch_size", "temporal_patch_size", "merge_size") if k in raw}
-    image = VisionSettings(
-        **geometry,
-        min_pixels=int(raw.get("min_pixels", size.get("shortest_edge", 3136))),
-        max_pixels=int(raw.get("max_pixels", size.get("longest_edge", 12845056))),
-        image_mean=tuple(raw.get("image_mean", VisionSettings.image_mean)),
-        image_std=tuple(raw.get("image_std", VisionSettings.image_std)),
-        resample=int(raw.get("resample", VisionSettings.resample)),
-    )
-    video = VisionSettings(**geometry, min_pixels=VIDEO_SETTINGS.min_pixels, max_pixels=VIDEO_SETTINGS.max_pixels,
-                           image_mean=image.image_mean, image_std=image.image_std)
-    sampling = FrameSampling(temporal_patch_size=video.temporal_patch_size)
+
+
+def _read_settings(folder: Path, tokens: SpecialTokens) -> ProcessorSettings:
+    """Each part's settings from its own section (see `_preprocessor_sections`).
+
+    The video pixel budget is not read: transformers' Qwen3-Omni processor passes its own per-frame budget
+    (128..768 merged patches, `VIDEO_SETTINGS`) to the video processor at every call, which overrides the
+    video section's `size`; only the video section's geometry, normalisation and frame limits take effect.
+    """
+    sections = _preprocessor_sections(folder)
+    mel = _mel_settings(sections["feature_extractor"], folder)
+    image_raw, video_raw = sections["image_processor"], sections["video_processor"]
+    image = _vision_settings(image_raw, VisionSettings(), _pixel_budget(image_raw, VisionSettings()))
+    video = _vision_settings(video_raw, VIDEO_SETTINGS, (VIDEO_SETTINGS.min_pixels, VIDEO_SETTINGS.max_pixels))
+    sampling = FrameSampling(min_frames=int(video_raw.get("min_frames", FrameSampling.min_frames)),
+                             max_frames=int(video_raw.get("max_frames", FrameSampling.max_frames)),
+                             temporal_patch_size=video.temporal_patch_size)
     n_window, per_second = ProcessorSettings.n_window, ProcessorSettings.position_id_per_seconds
     if (folder / "config.json").is_file():
         from ..config import Qwen3OmniConfig

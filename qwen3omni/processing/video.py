@@ -39,6 +39,21 @@ def sample_frame_indices(total_frames: int, video_fps: float, sampling: FrameSam
     return torch.arange(0, total_frames, total_frames / count).int().tolist()
 
 
+def kept_frame_rate(total_frames: int, video_fps: float, kept: int, sampling: FrameSampling = FrameSampling()):
+    """The rate, in frames per second, of the `kept` frames `sample_frame_indices` picks from a video file.
+
+    When the count followed duration * fps (floored to the temporal patch) this is `sampling.fps`, as
+    transformers' processor assumes; the flooring moves the last frame by less than one temporal patch. When
+    `min_frames`, `max_frames` or the video's own length set the count instead (a video slower than `fps`, a
+    short clip, a very long video), the kept frames are evenly spread over the whole video, so their rate is
+    kept / duration = kept / total_frames * video_fps, the sample fps Qwen's own qwen-omni-utils computes.
+    The model's video time positions (and audio interleaving) are only right with that rate.
+    """
+    tp = sampling.temporal_patch_size
+    by_rate = tp * math.floor(total_frames / video_fps * sampling.fps / tp)
+    return sampling.fps if kept == by_rate else kept / total_frames * video_fps
+
+
 def _import_av():
     try:
         import av
@@ -88,6 +103,11 @@ def _decode_frames(path, indices, name) -> tuple[list[np.ndarray], int]:
 
 def read_video(path, sampling: FrameSampling = FrameSampling(), name: str = "video") -> torch.Tensor:
     """Decode the frames of a video file that `sampling` keeps, as uint8 `[T, 3, H, W]`."""
+    return read_video_with_rate(path, sampling, name)[0]
+
+
+def read_video_with_rate(path, sampling: FrameSampling = FrameSampling(), name: str = "video"):
+    """`read_video`'s frames and their rate in frames per second (see `kept_frame_rate`)."""
     av = _import_av()
     try:
         with _open(path, name) as container:
@@ -98,12 +118,14 @@ def read_video(path, sampling: FrameSampling = FrameSampling(), name: str = "vid
         total = total or _count_frames(path, name)
         frames, actual = _decode_frames(path, sample_frame_indices(total, video_fps, sampling), name)
         if actual != total:  # the container's frame count was wrong: sample again from the true count
-            frames, actual = _decode_frames(path, sample_frame_indices(actual, video_fps, sampling), name)
+            total = actual
+            frames, _ = _decode_frames(path, sample_frame_indices(total, video_fps, sampling), name)
     except av.FFmpegError as e:
         raise InputError(f"{name}: cannot decode {str(path)!r}: {e}") from None
     if not frames:
         raise InputError(f"{name}: {str(path)!r} has no decodable frames")
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    tensor = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+    return tensor, kept_frame_rate(total, video_fps, len(frames), sampling)
 
 
 def read_audio_track(path, target_rate: int = SAMPLING_RATE, name: str = "video") -> torch.Tensor | None:
@@ -126,4 +148,4 @@ def read_audio_track(path, target_rate: int = SAMPLING_RATE, name: str = "video"
     mono = torch.from_numpy(np.concatenate(chunks, axis=-1).astype(np.float32)).mean(dim=0)
     if not bool(torch.isfinite(mono).all()):
         raise InputError(f"{name}: the audio track of {str(path)!r} has NaN or infinite samples")
-    return resample(mono, rate, target_rate)
+    return resample(mono, rate, target_rate, name=f"{name} (audio track)")
