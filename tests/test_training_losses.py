@@ -202,6 +202,37 @@ def test_talker_loss_rejects_bad_input(tiny_model):
         talker_loss(tiny_model, with_answer(batch, answer, tiny_model.config), answer, codes)
     with pytest.raises(InputError, match="speaker"):
         talker_loss(tiny_model, batch, answer, codes, speaker="nobody")
+    # codes past a vocabulary would fail inside an embedding or the loss (a device-side assert on a GPU)
+    talker_vocab = tiny_model.config.talker.text.vocab_size
+    residual_vocab = tiny_model.config.talker.code_predictor.vocab_size
+    for layer, value, vocab in ((0, talker_vocab, talker_vocab), (3, residual_vocab, residual_vocab),
+                                (3, -7, residual_vocab)):
+        bad = codes.clone()
+        bad[1, layer, 0] = value
+        with pytest.raises(InputError, match=rf"codes: layer.* must be in \[0, {vocab}\), got {value}"):
+            talker_loss(tiny_model, batch, answer, bad)
+    with pytest.raises(InputError, match="codes: expected integer codec ids"):
+        talker_loss(tiny_model, batch, answer, codes.float())
+    with pytest.raises(InputError, match="assistant_ids: expected integer token ids"):
+        talker_loss(tiny_model, batch, answer.tolist(), codes)
+
+
+def test_thinker_labels_are_checked(tiny_model):
+    batch, answer, _ = synthetic_example(tiny_model.config, batch=2, frames=4)
+    train = with_answer(batch, answer, tiny_model.config)
+    vocab = tiny_model.config.thinker.text.vocab_size
+    labels = train.pop("labels")
+    with torch.no_grad():
+        assert tiny_model.thinker(**train, labels=labels).loss.isfinite()  # the valid labels pass
+        past_vocab = labels.clone().index_fill_(1, torch.tensor([-1]), vocab)
+        for bad, message in ((past_vocab, rf"expected token ids in \[0, {vocab}\).*got {vocab}"),
+                             (labels.float(), "expected integer token ids")):
+            with pytest.raises(InputError, match="labels: " + message):
+                tiny_model.thinker(**train, labels=bad)
+        with pytest.raises(InputError, match="logits_to_keep: must be 0 when labels are given"):
+            tiny_model.thinker(**train, labels=labels, logits_to_keep=1)
+    with pytest.raises(InputError, match="answer_ids: expected a tensor"):
+        with_answer(batch, answer.tolist(), tiny_model.config)
 
 
 # ---- acceptance: overfitting one example --------------------------------------------------------------------

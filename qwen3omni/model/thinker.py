@@ -195,7 +195,7 @@ class Thinker(nn.Module):
                 raise InputError(f"{pixels_name}: required with {grid_name} (the grids describe its patches), got None")
         self._check_inputs(
             input_ids, inputs_embeds, attention_mask, position_ids, labels, cache,
-            {"audio": input_features, "image": pixel_values, "video": pixel_values_videos},
+            {"audio": input_features, "image": pixel_values, "video": pixel_values_videos}, logits_to_keep,
         )
         self._check_video_seconds(video_grid_thw, video_second_per_grid)
         deepstack_hook = None
@@ -233,7 +233,8 @@ class Thinker(nn.Module):
             thinker_losses(self.config.text, result, labels, attention_mask)
         return result
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, labels, cache, media) -> None:
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, labels, cache, media,
+                      logits_to_keep: int = 0) -> None:
         """Shapes, dtypes, length and (for a prompt) token values, checked before anything runs, so that a bad
         call raises an InputError and leaves a passed `cache` as it was. A decode step (continuing a non-empty
         cache) gets only the checks that read no tensor values: it stays free of host syncs."""
@@ -254,6 +255,11 @@ class Thinker(nn.Module):
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
             if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
                 raise InputError(f"{name}: expected shape {list(shape)} (that of input_ids), got {describe(t)}")
+        if labels is not None and logits_to_keep:
+            raise InputError(
+                f"logits_to_keep: must be 0 when labels are given (the loss needs every position's logits), "
+                f"got {logits_to_keep}"
+            )
         if position_ids is not None and (
             not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != (3, *shape)
         ):

@@ -36,8 +36,8 @@ def with_answer(batch: dict, answer_ids: torch.Tensor, config, eos_token_id: int
     if input_ids is None:
         raise InputError(f"batch: expected the processor's output (a dict with input_ids), got {describe(batch)}")
     B = input_ids.shape[0]
-    if answer_ids.dim() != 2 or answer_ids.shape[0] != B:
-        raise InputError(f"answer_ids: expected shape [{B}, answer length], got {describe(answer_ids)}")
+    if not isinstance(answer_ids, torch.Tensor) or answer_ids.dim() != 2 or answer_ids.shape[0] != B:
+        raise InputError(f"answer_ids: expected a tensor of shape [{B}, answer length], got {describe(answer_ids)}")
     answer_ids = answer_ids.to(input_ids.device)
     mask = batch.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask

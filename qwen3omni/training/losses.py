@@ -5,7 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError, describe
+
 IGNORE_INDEX = -100
+
+
+def check_labels(labels: torch.Tensor, vocab: int, name: str = "labels") -> None:
+    """Integer ids in [0, vocab) or IGNORE_INDEX: anything else would fail inside cross_entropy (on a GPU as a
+    device-side assert). One host read per call, negligible next to a training step."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InputError(f"{name}: expected integer token ids (or {IGNORE_INDEX} to ignore), got {describe(labels)}")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise InputError(
+            f"{name}: expected token ids in [0, {vocab}) or {IGNORE_INDEX} (ignored), got {int(labels[bad][0])}"
+        )
 
 
 def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -44,6 +58,7 @@ def thinker_losses(cfg, out, labels: torch.Tensor | None, attention_mask: torch.
     if out.router_logits:
         out.aux_loss = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
     if labels is not None:
+        check_labels(labels, cfg.vocab_size)
         out.loss = causal_lm_loss(out.logits, labels)
         if out.aux_loss is not None:
             out.loss = out.loss + cfg.router_aux_loss_coef * out.aux_loss.to(out.loss.device)

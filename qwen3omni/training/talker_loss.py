@@ -80,9 +80,13 @@ def talker_loss(
     B = input_ids.shape[0]
     talker = model.talker
     device = talker.codec_head.weight.device
-    codes_BTG, lengths = _check_codes(codes, B, cfg.talker.num_code_groups, device)
-    if assistant_ids.dim() != 2 or assistant_ids.shape[0] != B or assistant_ids.shape[1] < 1:
-        raise InputError(f"assistant_ids: expected shape [{B}, answer length >= 1], got {describe(assistant_ids)}")
+    codes_BTG, lengths = _check_codes(codes, B, cfg.talker, device)
+    if (not isinstance(assistant_ids, torch.Tensor) or assistant_ids.dim() != 2 or assistant_ids.shape[0] != B
+            or assistant_ids.shape[1] < 1 or assistant_ids.is_floating_point()):
+        raise InputError(
+            f"assistant_ids: expected integer token ids of shape [{B}, answer length >= 1], "
+            f"got {describe(assistant_ids)}"
+        )
     T = codes_BTG.shape[1]
     steps = T if include_eos else T - 1  # frames fed back as inputs
 
@@ -137,10 +141,15 @@ def _split_batch(batch: dict, cfg):
     return input_ids, attention_mask, media
 
 
-def _check_codes(codes: torch.Tensor, batch: int, groups: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes [B, G, T] -> ([B, T, G] long, valid frames per row [B]); valid frames must come first."""
+def _check_codes(codes: torch.Tensor, batch: int, talker_cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [B, G, T] -> ([B, T, G] long, valid frames per row [B]); valid frames must come first, their codes
+    inside the vocabularies (an id past a table would otherwise fail inside the embedding or the loss: on a GPU,
+    as a device-side assert that takes the process down)."""
+    groups = talker_cfg.num_code_groups
     if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[:2] != (batch, groups):
         raise InputError(f"codes: expected shape [{batch}, {groups}, frames], got {describe(codes)}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise InputError(f"codes: expected integer codec ids, got {describe(codes)}")
     if codes.shape[2] < 1:
         raise InputError("codes: expected at least one frame")
     codes_BTG = codes.to(device, torch.long).transpose(1, 2)
@@ -152,7 +161,19 @@ def _check_codes(codes: torch.Tensor, batch: int, groups: int, device) -> tuple[
             "codes: each row's valid frames (layer-0 code >= 0) must come first, at least one per row, "
             "followed only by padding frames (negative layer-0 code)"
         )
+    _check_code_range(codes_BTG[valid], talker_cfg.text.vocab_size, talker_cfg.code_predictor.vocab_size)
     return codes_BTG, lengths
+
+
+def _check_code_range(frames_NG: torch.Tensor, layer0_vocab: int, residual_vocab: int) -> None:
+    """Layer 0 indexes the talker's codec vocabulary, layers 1.. the code predictor's (valid frames only)."""
+    for name, part, vocab in (("layer 0", frames_NG[:, :1], layer0_vocab),
+                              (f"layers 1..{frames_NG.shape[1] - 1}", frames_NG[:, 1:], residual_vocab)):
+        bad = (part < 0) | (part >= vocab)
+        if bool(bad.any()):
+            raise InputError(
+                f"codes: {name} of a valid frame must be in [0, {vocab}), got {int(part[bad][0])}"
+            )
 
 
 def _accept_hidden(model, input_ids, attention_mask, media) -> torch.Tensor | None:
