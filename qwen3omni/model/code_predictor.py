@@ -123,6 +123,8 @@ class CodePredictor(nn.Module):
         """
         sampling = sampling or SamplingConfig()
         self._check_inputs(talker_hidden_BC, layer0_embed_BC)
+        dtype = self.model.norm.weight.dtype  # hand-made float32 inputs to a bf16 model work, as elsewhere
+        talker_hidden_BC, layer0_embed_BC = talker_hidden_BC.to(dtype), layer0_embed_BC.to(dtype)
         B, C = talker_hidden_BC.shape
         G = self.num_residual + 1
         if cache is None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import TalkerConfig
-from ..errors import InputError, describe
+from ..errors import InputError, describe, expect_int
 from ..generation.sampling import SamplingConfig
 from ..modules.activations import activation
 from ..modules.decoder import DecoderStack
@@ -87,8 +87,11 @@ class Talker(nn.Module):
         left padding of these tokens. `logits_to_keep=n > 0` applies `codec_head` to the last n positions only.
         """
         C = self.config.text.hidden_size
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != C:
-            raise InputError(f"inputs_embeds: expected shape [batch, time, {C}], got {describe(inputs_embeds)}")
+        if (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != C
+                or not inputs_embeds.is_floating_point()):
+            expected = f"a float tensor [batch, time, {C}]"
+            raise InputError(f"inputs_embeds: expected {expected}, got {describe(inputs_embeds)}")
+        logits_to_keep = expect_int(logits_to_keep, "logits_to_keep", least=0)
         shape = tuple(inputs_embeds.shape[:2])
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                            or tuple(attention_mask.shape) != shape):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import MoeDecoderConfig, ThinkerConfig
-from ..errors import InputError, describe
+from ..errors import InputError, describe, expect_int
 from ..modules.attention import Attention
 from ..modules.decoder import DecoderLayer, DecoderStack
 from ..modules.kv_cache import KVCache
@@ -114,12 +114,12 @@ class Thinker(nn.Module):
         ):
             if pixels is None:
                 continue
+            pixels_name = "pixel_values" if ids_name == "image" else "pixel_values_videos"
             if grid is None:
-                pixels_name = "pixel_values" if ids_name == "image" else "pixel_values_videos"
                 raise InputError(
                     f"{ids_name}_grid_thw: required with {pixels_name} (one (t, h, w) row per {ids_name}), got None"
                 )
-            merged, deepstack = self.visual(pixels, grid)
+            merged, deepstack = self.visual(pixels, grid, (pixels_name, f"{ids_name}_grid_thw"))
             mask = input_ids == token
             embeds = _scatter(embeds, mask, merged, ids_name)
             visual_parts.append((mask, deepstack))
@@ -187,6 +187,12 @@ class Thinker(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("Thinker.forward: pass exactly one of input_ids and inputs_embeds")
+        logits_to_keep = expect_int(logits_to_keep, "logits_to_keep", least=0)
+        if inputs_embeds is not None:
+            _refuse_media_with_embeds(
+                input_features=input_features, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
+                image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+            )
         for grid_name, grid, pixels_name, pixels in (
             ("image_grid_thw", image_grid_thw, "pixel_values", pixel_values),
             ("video_grid_thw", video_grid_thw, "pixel_values_videos", pixel_values_videos),
@@ -360,6 +366,17 @@ def _feature_lengths(input_features: torch.Tensor, feature_attention_mask: torch
             f"clip's leading frames (right padding), got {describe(feature_attention_mask)}"
         )
     return lengths
+
+
+def _refuse_media_with_embeds(**media) -> None:
+    """Media are written into the embeddings at the placeholder tokens of `input_ids`; with `inputs_embeds`
+    alone there are no ids to find them by, and silently dropping them would give text-only logits."""
+    given = [name for name, value in media.items() if value is not None]
+    if given:
+        raise InputError(
+            f"{given[0]}: media need input_ids (their placeholder tokens place the features, the deepstack "
+            "additions and the TM-RoPE positions), but inputs_embeds was given; pass input_ids with the media"
+        )
 
 
 def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, what: str) -> torch.Tensor:

@@ -153,10 +153,11 @@ class VisionEncoder(nn.Module):
         self.backend = "sdpa"  # "flash" uses flash-attn varlen on CUDA when it is installed
         self.gradient_checkpointing = False  # see qwen3omni.training.set_gradient_checkpointing
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, names=("pixel_values", "grid_thw")):
         """Patches [N, C*2*16*16] of images / videos with grids [n, 3] -> (merged [N/4, out_hidden], deepstack
-        features: one [N/4, out_hidden] per deepstack layer, in layer order)."""
-        grid_thw = self._check(pixel_values, grid_thw)
+        features: one [N/4, out_hidden] per deepstack layer, in layer order). `names`: what the caller calls
+        the two inputs, for error messages (the thinker: the image or the video arguments)."""
+        grid_thw = self._check(pixel_values, grid_thw, *names)
         merge = self.config.spatial_merge_size
         x = self.patch_embed(pixel_values)
         x = x + self._position_embedding(grid_thw, merge).to(x.dtype)
@@ -184,21 +185,23 @@ class VisionEncoder(nn.Module):
         per_frame = list(pos.split(firsts.prod(-1).tolist()))
         return torch.cat([p.repeat(t, 1) for p, t in zip(per_frame, grid_thw[:, 0].tolist())])
 
-    def _check(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
+    def _check(self, pixel_values: torch.Tensor, grid_thw, pixels_name: str, grid_name: str) -> torch.Tensor:
         cfg = self.config
         width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
-        if pixel_values.ndim != 2 or pixel_values.shape[1] != width:
-            raise InputError(f"pixel_values: expected [patches, {width}], got {describe(pixel_values)}")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 2 or pixel_values.shape[1] != width:
+            raise InputError(f"{pixels_name}: expected [patches, {width}], got {describe(pixel_values)}")
         grid_thw = torch.as_tensor(grid_thw).long().cpu()
         if grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or bool((grid_thw < 1).any()):
-            raise InputError(f"grid_thw: expected [n, 3] positive (t, h, w) patch counts, got {describe(grid_thw)}")
+            raise InputError(
+                f"{grid_name}: expected [n, 3] positive (t, h, w) patch counts, got {describe(grid_thw)}"
+            )
         m = cfg.spatial_merge_size
         if bool((grid_thw[:, 1:] % m).any()):
-            raise InputError(f"grid_thw: heights and widths must be multiples of {m}, got {grid_thw.tolist()}")
+            raise InputError(f"{grid_name}: heights and widths must be multiples of {m}, got {grid_thw.tolist()}")
         total = int(grid_thw.prod(-1).sum())
         if total != pixel_values.shape[0]:
             raise InputError(
-                f"pixel_values: grid_thw {grid_thw.tolist()} describes {total} patches but {pixel_values.shape[0]} "
-                "rows were given"
+                f"{pixels_name}: {grid_name} {grid_thw.tolist()} describes {total} patches but "
+                f"{pixel_values.shape[0]} rows were given"
             )
         return grid_thw

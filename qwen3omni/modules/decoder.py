@@ -118,9 +118,13 @@ class DecoderStack(nn.Module):
     ) -> DecoderOutput:
         """`position_ids` [axes, B, T]; `attention_mask` [B, T] for these tokens (0 = left padding)."""
         x = inputs_embeds
+        if x.dtype != self.norm.weight.dtype and x.is_floating_point():
+            x = x.to(self.norm.weight.dtype)  # e.g. float32 embeddings built by hand for a bf16 model
         B, T, _ = x.shape
         start = 0 if cache is None else cache.length
         if cache is not None:
+            attn = self.layers[0].self_attn
+            cache.check_fits(B, len(self.layers), attn.num_kv_heads, attn.head_dim, x.dtype)
             cache.reserve(T)
             if attention_mask is not None:
                 cache.mark_padding(attention_mask)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from .attention import position_mask
 
 
@@ -76,6 +77,16 @@ class KVCache:
         self._length = value
         if self.position is not None:
             self.position.fill_(value)
+
+    def check_fits(self, batch: int, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Raise an InputError unless this cache was made for such a stack and batch (metadata only: no sync)."""
+        want = (layers, batch, kv_heads, head_dim, dtype)
+        got = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[2], self.keys.shape[4], self.keys.dtype)
+        if got != want:
+            raise InputError(
+                f"cache: expected one from this model's new_cache({batch}, ...) (layers, batch, kv heads, head dim, "
+                f"dtype = {want}), got {got}; a cache serves one stack and one batch"
+            )
 
     def set_static(self, static: bool = True) -> None:
         """Switch static mode on (offset mirrored on the device) or off. The buffers stay where they are."""
