@@ -74,3 +74,22 @@ def test_video_errors_name_the_video_arguments(tiny_model):
     width = thinker.visual.patch_embed.proj.weight[0].numel()
     with pytest.raises(InputError, match="video_grid_thw: heights and widths must be multiples"):
         thinker(input_ids=x, pixel_values_videos=torch.zeros(12, width), video_grid_thw=torch.tensor([[1, 4, 3]]))
+
+
+def test_codec_helpers_check_their_ids(tiny_model):
+    talker = tiny_model.talker
+    V0, V = talker.config.text.vocab_size, talker.config.code_predictor.vocab_size
+    G = talker.config.num_code_groups
+    residual = torch.zeros(2, G - 1, dtype=torch.long)
+    assert talker.codec_step_embedding(torch.tensor([1, 2]), residual).shape[0] == 2  # in range: fine
+    with pytest.raises(InputError, match=rf"layer0_ids: expected codec ids in \[0, {V0}\), got {V0}"):
+        talker.codec_step_embedding(torch.tensor([1, V0]), residual)
+    with pytest.raises(InputError, match=rf"residual_codes: expected codec ids in \[0, {V}\), got {10**6}"):
+        talker.codec_step_embedding(torch.tensor([1, 2]), residual.index_fill(1, torch.tensor([3]), 10**6))
+    hidden = torch.randn(1, 3, talker.config.text.hidden_size)
+    codes = torch.zeros(1, 3, G, dtype=torch.long)
+    codes[0, 2] = -100  # a padding frame: ignored, not an error
+    assert talker.code_predictor_logits(hidden, codes).isfinite().all()
+    codes[0, 1, 5] = V
+    with pytest.raises(InputError, match=rf"codes_BTG\[..., 1:\]: expected codec ids in \[0, {V}\)"):
+        talker.code_predictor_logits(hidden, codes)

@@ -127,6 +127,7 @@ class Talker(nn.Module):
 
     def codec_embeds(self, layer0_ids: torch.Tensor, residual_codes: torch.Tensor) -> torch.Tensor:
         """[..., G, C]: each code of a frame embedded by its own table (code 0 by the talker's)."""
+        self._check_codes(layer0_ids, residual_codes, "layer0_ids", "residual_codes")
         first = self.model.codec_embedding(layer0_ids).unsqueeze(-2)
         return torch.cat([first, self.code_predictor.embed_residual(residual_codes)], dim=-2)
 
@@ -149,8 +150,21 @@ class Talker(nn.Module):
         G = self.config.num_code_groups
         if codes_BTG.dim() != 3 or codes_BTG.shape[-1] != G:
             raise InputError(f"codes_BTG: expected shape [batch, frames, {G}], got {describe(codes_BTG)}")
-        layer0 = self.model.codec_embedding(codes_BTG[..., 0].clamp_min(0))
+        codes_BTG = codes_BTG.clamp_min(0)  # negative codes mark padding frames, which the loss ignores
+        self._check_codes(codes_BTG[..., 0], codes_BTG[..., 1:], "codes_BTG[..., 0]", "codes_BTG[..., 1:]")
+        layer0 = self.model.codec_embedding(codes_BTG[..., 0])
         return self.code_predictor.teacher_forced_logits(talker_hidden_BTC, layer0, codes_BTG[..., 1:])
+
+    def _check_codes(self, layer0, residual, layer0_name: str, residual_name: str) -> None:
+        """Codes inside their tables (else IndexError inside F.embedding; on a GPU a device-side assert). One host
+        read: for these helpers, not for the generation loop, which only feeds back codes it sampled itself."""
+        for name, codes, vocab in ((layer0_name, layer0, self.config.text.vocab_size),
+                                   (residual_name, residual, self.config.code_predictor.vocab_size)):
+            if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
+                raise InputError(f"{name}: expected integer codec ids, got {describe(codes)}")
+            bad = (codes < 0) | (codes >= vocab)
+            if bool(bad.any()):
+                raise InputError(f"{name}: expected codec ids in [0, {vocab}), got {int(codes[bad][0])}")
 
 
 # ---- rotary positions -------------------------------------------------------------------------------------------
