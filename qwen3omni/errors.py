@@ -28,6 +28,10 @@ class MissingFileError(Qwen3OmniError, FileNotFoundError):
     """A file or folder the user pointed at does not exist."""
 
 
+class MissingDependencyError(Qwen3OmniError, ImportError):
+    """An optional package a call needs is not installed (e.g. PyAV for video files); the message says which."""
+
+
 def describe(value, limit: int = 80) -> str:
     """A short printable form of `value` for error messages (tensors by shape and dtype, not contents)."""
     shape = getattr(value, "shape", None)

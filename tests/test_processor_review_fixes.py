@@ -179,3 +179,17 @@ def test_kept_frame_rate_under_the_frame_limits():
     assert kept_frame_rate(50, 12.0, 8) == 2.0  # 4.2 s at 2 fps: 8 frames, floored to the temporal patch
     assert kept_frame_rate(1, 30.0, 1) == 30.0  # shorter than a temporal patch: kept whole
     assert kept_frame_rate(100, 10.0, 6, FrameSampling(fps=0.5, min_frames=6)) == pytest.approx(0.6)
+
+
+def test_missing_pyav_is_a_typed_error(ours, monkeypatch):
+    """Without the video extra a video file is a MissingDependencyError (an ImportError, and a Qwen3OmniError,
+    so `qwen3omni chat` reports it on one line) that says what to install."""
+    import sys
+
+    from qwen3omni.errors import MissingDependencyError, Qwen3OmniError
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    conv = [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]
+    with pytest.raises(MissingDependencyError, match="needs PyAV.*pip install av") as caught:
+        ours(conv)
+    assert isinstance(caught.value, ImportError) and isinstance(caught.value, Qwen3OmniError)

@@ -96,6 +96,7 @@ class Qwen3Omni(nn.Module):
         talker_do_sample, talker_temperature, talker_top_k, talker_top_p, talker_min_p,
         talker_repetition_penalty, talker_max_new_tokens. Code predictor: predictor_do_sample (default: as the
         talker), predictor_temperature, predictor_top_k, predictor_top_p. `generator` seeds all sampling.
+        `cuda_graphs` (default: on for CUDA) replays the decode steps from CUDA graphs.
         Returns `GenerationOutput(sequences, audio, codes)`; `audio` is None without speech.
         Rows must be left-padded, as the processor makes them. With speech the prompt must end with
         `<|im_start|>assistant\\n`: a pre-filled answer start would not be spoken, so it is refused.
@@ -110,7 +111,10 @@ class Qwen3Omni(nn.Module):
         ("text", new token ids) and ("audio", new 24 kHz samples). Speech starts after the first codec frame;
         later pushes to Code2Wav double in size up to `audio_chunk_frames` (default 8) frames. With both text and
         speech sampled, one `generator` seed gives other draws than in `generate` (which draws all text first),
-        though each is reproducible; greedy or single-stage sampling gives `generate`'s outputs."""
+        though each is reproducible; greedy or single-stage sampling gives `generate`'s text and codes. The
+        waveform equals `generate`'s up to 300 frames (24 s); past that `generate` decodes in the reference's
+        300-frame chunks (dropping 555 samples per seam) while `stream` decodes seamlessly, as
+        `model.code2wav(codes)` does."""
         from ..generation.pipeline import stream
 
         yield from stream(self, input_ids, attention_mask, **kwargs)

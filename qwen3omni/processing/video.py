@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError, MissingFileError
+from ..errors import InputError, MissingDependencyError, MissingFileError
 from .audio import SAMPLING_RATE, resample
 
 
@@ -58,8 +58,9 @@ def _import_av():
     try:
         import av
     except ImportError:
-        raise ImportError(
-            "reading video files needs PyAV: install it with `pip install av` (or the `video` extra of qwen3omni)"
+        raise MissingDependencyError(
+            "video: reading video files needs PyAV, which is not installed: `pip install av` (or the `video` extra "
+            "of qwen3omni); frame arrays work without it"
         ) from None
     return av
 
