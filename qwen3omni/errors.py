@@ -63,8 +63,15 @@ def expect_device(value, name: str):
     except (RuntimeError, TypeError):
         expected = "a device such as 'cpu', 'cuda' or 'cuda:1'"
         raise InputError(f"{name}: expected {expected}, got {describe(value)}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "meta":  # holds no data: a "loaded" model would have no weights
+        raise InputError(f"{name}: expected a device that holds data, got {describe(value)}")
+    if device.type != "cpu":  # an unavailable backend is refused here, not deep inside a copy
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        count_of = getattr(backend, "device_count", None)
+        count = count_of() if callable(count_of) and callable(available) and available() else 0
         if (device.index or 0) >= count:
-            raise InputError(f"{name}: {describe(value)} is not available (torch.cuda.device_count() = {count})")
+            raise InputError(
+                f"{name}: {describe(value)} is not available (torch.{device.type}.device_count() = {count})"
+            )
     return device

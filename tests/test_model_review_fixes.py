@@ -93,3 +93,30 @@ def test_codec_helpers_check_their_ids(tiny_model):
     codes[0, 1, 5] = V
     with pytest.raises(InputError, match=rf"codes_BTG\[..., 1:\]: expected codec ids in \[0, {V}\)"):
         talker.code_predictor_logits(hidden, codes)
+
+
+def test_placement_refuses_devices_that_hold_no_data_or_are_absent(tiny_checkpoint):
+    from qwen3omni.model.omni import Qwen3Omni
+    from qwen3omni.model.placement import resolve_devices
+
+    parts = ("thinker", "talker", "code2wav")
+    with pytest.raises(InputError, match="device: expected a device that holds data, got 'meta'"):
+        Qwen3Omni.from_pretrained(tiny_checkpoint.path, device="meta")
+    with pytest.raises(InputError, match=r"device\['talker'\]: 'meta'|device\['talker'\]: expected a device that"):
+        resolve_devices({"thinker": "cpu", "talker": "meta", "code2wav": "cpu"}, parts)
+    for absent in ("xpu", "mps") if not torch.backends.mps.is_available() else ("xpu",):
+        with pytest.raises(InputError, match=rf"device: '{absent}' is not available"):
+            resolve_devices(absent, parts)
+    with pytest.raises(InputError, match="device: unknown component"):  # keys of mixed types: still an InputError
+        resolve_devices({"thinker": "cpu", "talker": "cpu", "code2wav": "cpu", 0: "cpu", "vocoder": "cpu"}, parts)
+
+
+def test_empty_batches_of_codes_and_non_bool_compile_flags_are_refused(tiny_model):
+    empty = torch.zeros(0, tiny_model.config.code2wav.num_quantizers, 3, dtype=torch.long)
+    with pytest.raises(InputError, match=r"codes: expected at least one row, got shape \[0, "):
+        tiny_model.code2wav(empty)
+    with pytest.raises(InputError, match=r"codes: expected at least one row, got shape \[0, "):
+        tiny_model.code2wav.streaming_decoder().push(empty)
+    with pytest.raises(InputError, match="enable: expected True or False, got 'false'"):
+        tiny_model.compile_decoding("false")
+    assert all(s.compiled_step is None for s in (tiny_model.thinker.model, tiny_model.talker.model))

@@ -236,6 +236,8 @@ class Code2Wav(nn.Module):
             raise InputError(f"{name}: expected an integer tensor [batch, {q}, frames], got {describe(codes)}")
         if codes.dim() != 3 or codes.shape[1] != q:
             raise InputError(f"{name}: expected shape [batch, {q}, frames] ({q} quantizers), got {list(codes.shape)}")
+        if codes.shape[0] == 0:
+            raise InputError(f"{name}: expected at least one row, got shape {list(codes.shape)}")
         if codes.shape[-1] == 0:
             if allow_empty:
                 return

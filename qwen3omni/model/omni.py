@@ -74,6 +74,8 @@ class Qwen3Omni(nn.Module):
         step per stack, see `DecoderStack.compile_decode_step`). `generate` and `stream` then decode over static
         caches with those layers, inside their CUDA graphs on a GPU. Opt-in: the first call compiles (tens of
         seconds). `enable=False` goes back to eager layers."""
+        if not isinstance(enable, bool):  # "false" or 0 must not mean yes
+            raise InputError(f"enable: expected True or False, got {describe(enable)}")
         stacks = [self.thinker.model] if self.thinker is not None else []
         if self.talker is not None:
             stacks += [self.talker.model, self.talker.code_predictor.model]

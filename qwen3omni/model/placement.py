@@ -29,7 +29,7 @@ def resolve_devices(device, components: Iterable[str]) -> dict[str, torch.device
     if not isinstance(device, Mapping):
         one = expect_device("cpu" if device is None else device, "device")
         return dict.fromkeys(components, one)
-    unknown = sorted(set(device) - set(COMPONENTS))
+    unknown = sorted(set(device) - set(COMPONENTS), key=repr)  # keys may be of any type
     if unknown:
         raise InputError(f"device: unknown component(s) {unknown}; expected keys among {list(COMPONENTS)}")
     missing = [c for c in components if c not in device]
