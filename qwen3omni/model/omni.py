@@ -114,7 +114,8 @@ class Qwen3Omni(nn.Module):
         later pushes to Code2Wav double in size up to `audio_chunk_frames` (default 8) frames. With both text and
         speech sampled, one `generator` seed gives other draws than in `generate` (which draws all text first),
         though each is reproducible; greedy or single-stage sampling gives `generate`'s text and codes. The
-        waveform equals `generate`'s up to 300 frames (24 s); past that `generate` decodes in the reference's
+        waveform equals `generate`'s up to 300 frames (24 s) in float32 (in bf16, within its rounding: the two
+        decoders add in another order, ~1e-2); past that `generate` decodes in the reference's
         300-frame chunks (dropping 555 samples per seam) while `stream` decodes seamlessly, as
         `model.code2wav(codes)` does."""
         from ..generation.pipeline import stream
