@@ -261,6 +261,10 @@ class Thinker(nn.Module):
         for name, t in (("attention_mask", attention_mask), ("labels", labels)):
             if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
                 raise InputError(f"{name}: expected shape {list(shape)} (that of input_ids), got {describe(t)}")
+        if labels is not None:
+            from ..training.losses import check_labels
+
+            check_labels(labels, cfg.vocab_size)  # before the forward, not after it
         if labels is not None and logits_to_keep:
             raise InputError(
                 f"logits_to_keep: must be 0 when labels are given (the loss needs every position's logits), "

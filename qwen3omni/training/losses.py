@@ -58,7 +58,6 @@ def thinker_losses(cfg, out, labels: torch.Tensor | None, attention_mask: torch.
     if out.router_logits:
         out.aux_loss = load_balancing_loss(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
     if labels is not None:
-        check_labels(labels, cfg.vocab_size)
         out.loss = causal_lm_loss(out.logits, labels)
         if out.aux_loss is not None:
             out.loss = out.loss + cfg.router_aux_loss_coef * out.aux_loss.to(out.loss.device)
