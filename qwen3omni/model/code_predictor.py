@@ -23,6 +23,7 @@ from ..errors import InputError, describe
 from ..generation.sampling import SamplingConfig, choose
 from ..modules.attention import Attention
 from ..modules.decoder import DecoderLayer, DecoderStack
+from ..modules.few_rows import FewRowLinear
 from ..modules.kv_cache import KVCache
 from ..modules.mlp import SwiGLU
 from ..modules.rotary import RotaryEmbedding
@@ -93,7 +94,7 @@ class CodePredictor(nn.Module):
         self.num_residual = cfg.num_code_groups - 1
         self.model = CodePredictorModel(cfg)
         self.lm_head = nn.ModuleList(
-            nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) for _ in range(self.num_residual)
+            FewRowLinear(cfg.hidden_size, cfg.vocab_size, bias=False) for _ in range(self.num_residual)
         )
 
     def embed_residual(self, residual_codes: torch.Tensor) -> torch.Tensor:

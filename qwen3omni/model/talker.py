@@ -18,6 +18,7 @@ from ..errors import InputError, describe, expect_int
 from ..generation.sampling import SamplingConfig
 from ..modules.activations import activation
 from ..modules.decoder import DecoderStack
+from ..modules.few_rows import FewRowLinear
 from ..modules.kv_cache import KVCache
 from .code_predictor import CodePredictor, PredictedFrame
 from .thinker import moe_decoder_layers, sectioned_rotary
@@ -37,8 +38,8 @@ class ResizeMLP(nn.Module):
 
     def __init__(self, dim_in: int, hidden: int, dim_out: int, act: str):
         super().__init__()
-        self.linear_fc1 = nn.Linear(dim_in, hidden, bias=True)
-        self.linear_fc2 = nn.Linear(hidden, dim_out, bias=True)
+        self.linear_fc1 = FewRowLinear(dim_in, hidden, bias=True)
+        self.linear_fc2 = FewRowLinear(hidden, dim_out, bias=True)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ class Talker(nn.Module):
         resize = (cfg.thinker_hidden_size, text.intermediate_size, text.hidden_size, text.hidden_act)
         self.text_projection = ResizeMLP(*resize)  # thinker token embeddings (text positions)
         self.hidden_projection = ResizeMLP(*resize)  # thinker layer-`accept_hidden_layer` states (media positions)
-        self.codec_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.codec_head = FewRowLinear(text.hidden_size, text.vocab_size, bias=False)
         self.code_predictor = CodePredictor(cfg.code_predictor)
 
     def forward(

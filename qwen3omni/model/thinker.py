@@ -16,6 +16,7 @@ from ..config import MoeDecoderConfig, ThinkerConfig
 from ..errors import InputError, describe, expect_int
 from ..modules.attention import Attention
 from ..modules.decoder import DecoderLayer, DecoderStack
+from ..modules.few_rows import FewRowLinear
 from ..modules.kv_cache import KVCache
 from ..modules.mlp import SwiGLU
 from ..modules.moe import MoeBlock
@@ -87,7 +88,7 @@ class Thinker(nn.Module):
         self.audio_tower = AudioEncoder(cfg.audio)
         self.visual = VisionEncoder(cfg.vision)
         self.model = ThinkerTextModel(cfg.text)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = FewRowLinear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     # ---- inputs -> embeddings -------------------------------------------------------------------------
     def embed(

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .few_rows import FewRowLinear
 from .norms import RMSNorm
 from .rotary import apply_rotary
 
@@ -169,10 +170,10 @@ class Attention(nn.Module):
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=bias)
+        self.q_proj = FewRowLinear(dim, num_heads * head_dim, bias=bias)
+        self.k_proj = FewRowLinear(dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = FewRowLinear(dim, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = FewRowLinear(num_heads * head_dim, dim, bias=bias)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.backend = "sdpa"

@@ -1,4 +1,9 @@
-"""`few_row_linear`: F.linear for a handful of rows against a large weight, on CPU.
+"""`few_row_linear`: F.linear for one row or a handful of rows against a large weight, on CPU.
+
+One row in bf16 (a batch-1 decode step of a bf16 model on CPU): F.linear's bf16 kernel streams the weight at
+6-9 Gparam/s here (2 threads), `torch.mv` at 8-11 (measured over 300 MB of [3072, 1024], [2048, 2048],
+[768, 2048] ... weights), so one-row bf16 calls take `mv`. fp32 is left on F.linear: there the two are within
+noise of each other, and the default (fp32) path stays bit-for-bit what it was.
 
 Streaming Code2Wav multiplies 4-row blocks (one frame, upsampled ×4) by weights of tens of MB. For 3-8 rows
 the default CPU GEMM streams the weight at about half the machine's bandwidth (measured: [4, 3072] × [3072,
@@ -40,18 +45,48 @@ _ONEDNN_LINEAR = _onednn_linear()
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `few_row_linear(x, weight)` takes the oneDNN kernel: fp32 CPU inference with 3-8 rows (the op
     has no autograd formula, so a call that records gradients stays on F.linear)."""
+    if _ONEDNN_LINEAR is None or torch.compiler.is_compiling():  # inductor lowers the op only for weights
+        return False  # it has frozen as graph constants; and `rows` may be symbolic there
     rows = x.numel() // max(x.shape[-1], 1)
     return (
-        _ONEDNN_LINEAR is not None
-        and rows in FEW_ROWS
+        rows in FEW_ROWS
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_grad_enabled()
     )
 
 
+def uses_matvec(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `few_row_linear(x, weight)` takes `torch.mv`: one row, bf16, CPU, no gradient recorded."""
+    return (
+        x.numel() == x.shape[-1]
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and not torch.is_grad_enabled()
+    )
+
+
+@torch.library.custom_op("qwen3omni::matvec", mutates_args=())
+def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """torch.mv as an op torch.compile does not look into: inductor would otherwise decompose it into its own
+    reduction loop, which streams a bf16 weight ~25% slower than ATen's kernel (measured, 2 threads)."""
+    return torch.mv(weight, x)
+
+
+@matvec.register_fake
+def _(weight, x):
+    return weight.new_empty(weight.shape[0])
+
+
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias, as F.linear, choosing the CPU kernel by row count (see the module note)."""
+    if uses_matvec(x, weight):
+        # (the custom op's dispatch costs ~8 us a call, so eager calls go straight to torch.mv)
+        mv = matvec if torch.compiler.is_compiling() else torch.mv
+        y = mv(weight, x.reshape(-1))
+        y = y if bias is None else y.add_(bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     if uses_onednn(x, weight):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

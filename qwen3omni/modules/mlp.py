@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .activations import activation
+from .few_rows import FewRowLinear
 
 
 class SwiGLU(nn.Module):
@@ -13,9 +14,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = FewRowLinear(dim, hidden, bias=bias)
+        self.up_proj = FewRowLinear(dim, hidden, bias=bias)
+        self.down_proj = FewRowLinear(hidden, dim, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
