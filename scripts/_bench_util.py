@@ -143,8 +143,13 @@ def build_reference(cls_name: str, sub_config, seed: int = 0, prefix: str = "", 
             model = cls(sub_config)
     finally:
         torch.set_default_dtype(default)
+    # (nested parts are built by `_from_config`, which could take a dtype from their config instead)
+    wrong = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype}
+    if wrong:
+        raise RuntimeError(f"build_reference: parameters not in {dtype}: {list(wrong.items())[:3]}")
     randomize_(model, seed, prefix)
     return model.eval()
+
 
 
 # The reference nests the thinker's parts one level deeper in memory than in its checkpoint (and ours).
@@ -183,12 +188,16 @@ def names_match(ours_cls, ours_cfg, reference_cls_name: str, reference_cfg) -> l
     return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
 
-def twin(ours_cls, ours_cfg, reference: torch.nn.Module) -> torch.nn.Module:
+def twin(ours_cls, ours_cfg, reference: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Our module built on meta, then given the reference's tensors (shared, not copied: no second copy of the
-    weights is ever allocated; names must match). Computed buffers are then allocated and rebuilt."""
+    weights is ever allocated; names must match). Computed buffers are then allocated and rebuilt.
+    With a `dtype` other than the reference's, ours gets copies of its floating-point tensors in that dtype."""
     with torch.device("meta"):
         ours = ours_cls(ours_cfg)
-    missing, unexpected = ours.load_state_dict(reference_state(reference), strict=False, assign=True)
+    state = reference_state(reference)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = ours.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(f"twin: names differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
     device = next(reference.parameters()).device
@@ -231,6 +240,9 @@ def stats(times: list[float]) -> dict:
 REPORTS: list[dict] = []  # every line printed by `report`, for the closing table
 
 
+TAGS: dict = {}  # added to every reported line (e.g. the dtypes of a run)
+
+
 def report(workload: str, unit: str, ours: list[float], ref: list[float] | None, **extra) -> dict:
     """Print and return one JSON line: medians, min/max and ratio = reference / ours (> 1: we are faster)."""
     line = {"workload": workload, "unit": unit, "ours": _round(stats(ours))}
@@ -238,6 +250,7 @@ def report(workload: str, unit: str, ours: list[float], ref: list[float] | None,
         line["reference"] = _round(stats(ref))
         line["ratio"] = round(statistics.median(ref) / statistics.median(ours), 3)
     line.update(extra)
+    line.update(TAGS)
     print(json.dumps(line), flush=True)
     REPORTS.append(line)
     return line
@@ -270,9 +283,9 @@ def matvec_bandwidth(dtype=torch.float32, mbytes: int = 1536, repeats: int = 7, 
     cols = 2048
     rows = mbytes * 2**20 // (cols * torch.finfo(dtype).bits // 8)
     w = torch.randn(rows, cols).to(dtype)
-    x = torch.randn(1, cols).to(dtype)
-    torch.nn.functional.linear(x, w)
-    times = [timed(lambda: torch.nn.functional.linear(x, w)) for _ in range(repeats)]
+    x = torch.randn(cols).to(dtype)
+    torch.mv(w, x)  # ATen's matrix-vector kernel (for bf16 faster than F.linear's one-row GEMM)
+    times = [timed(lambda: torch.mv(w, x)) for _ in range(repeats)]
     return w.numel() * w.element_size() / (statistics.median(times) if median else min(times))
 
 

@@ -86,8 +86,9 @@ def with_vocab(text: dict, vocab: int | None) -> dict:
 
 
 # ---- the thinker -------------------------------------------------------------------------------------------------
-def component_pair(part: str, cfg: dict, seed: int, experts_impl: str | None):
-    """The reference's `part` ("thinker" or "talker") on random weights, and ours sharing its tensors."""
+def component_pair(part: str, cfg: dict, seed: int, experts_impl: str | None, dtype=torch.float32, ours_dtype=None):
+    """The reference's `part` ("thinker" or "talker") on random weights in `dtype`, and ours sharing its tensors
+    (or, with another `ours_dtype`, holding copies of them cast to it)."""
     from qwen3omni.model.talker import Talker
     from qwen3omni.model.thinker import Thinker
 
@@ -95,9 +96,10 @@ def component_pair(part: str, cfg: dict, seed: int, experts_impl: str | None):
     ref_cfg = getattr(rc, f"{part}_config")
     if experts_impl:
         ref_cfg.text_config._experts_implementation = experts_impl
-    ref = U.build_reference(f"Qwen3OmniMoe{part.title()}ForConditionalGeneration", ref_cfg, seed, f"{part}.")
+    ref = U.build_reference(f"Qwen3OmniMoe{part.title()}ForConditionalGeneration", ref_cfg, seed, f"{part}.", dtype)
     ours_cls = {"thinker": Thinker, "talker": Talker}[part]
-    return U.twin(ours_cls, getattr(U.ours_config(cfg), part), ref), ref
+    cast = ours_dtype if ours_dtype not in (None, dtype) else None
+    return U.twin(ours_cls, getattr(U.ours_config(cfg), part), ref, cast), ref
 
 
 def random_ids(batch: int, length: int, seed: int, vocab: int = 150000) -> torch.Tensor:
@@ -111,7 +113,7 @@ def experts_impl_of(ref) -> str:
 @torch.no_grad()
 def workload_a(args, sz):
     cfg = U.bench_config(thinker_layers=2, thinker_text=with_vocab(text_overrides(args.quick), sz["vocab"]))
-    ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts)
+    ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts, args.dtype, args.ours_dtype)
     ids = random_ids(1, sz["A_tokens"], args.seed, cfg["thinker_config"]["text_config"]["vocab_size"])
     mine = ours(input_ids=ids, logits_to_keep=1).logits[:, -1]
     theirs = ref(input_ids=ids).logits[:, -1]
@@ -214,7 +216,7 @@ def decode_bytes(model, cfg_text: dict, context: int) -> int:
 def workload_b(args, sz):
     cfg = U.bench_config(thinker_layers=2, thinker_text=with_vocab(text_overrides(args.quick), sz["vocab"]))
     text = cfg["thinker_config"]["text_config"]
-    ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts)
+    ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts, args.dtype, args.ours_dtype)
     ids = random_ids(1, sz["B_prompt"], args.seed + 1, text["vocab_size"])
     steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["B_new"])
     bandwidth = U.matvec_bandwidth()
@@ -223,6 +225,13 @@ def workload_b(args, sz):
     roofline_s = step_bytes / bandwidth
     import statistics
 
+    extra = {}
+    if args.ours_dtype != torch.float32:
+        # In bf16 the matrix-vector kernel, not memory, is the limit here (it converts every weight to float32
+        # before the multiply-add): the speed ATen's best bf16 kernel reads weights at, as a second roofline.
+        kernel = U.matvec_bandwidth(args.ours_dtype)
+        extra = {"kernel_bandwidth_GBps": round(kernel / 1e9, 2),
+                 "fraction_of_kernel_roofline": round(step_bytes / kernel / statistics.median(steps_ours), 3)}
     U.report(
         "B thinker decode", "s/token", steps_ours, steps_ref, prompt=ids.shape[1], new_tokens=sz["B_new"],
         same_tokens=same, tokens_per_s=round(1 / statistics.median(steps_ours), 2),
@@ -232,7 +241,7 @@ def workload_b(args, sz):
         fraction_of_roofline=round(roofline_s / statistics.median(steps_ours), 3),
         median_bandwidth_GBps=round(typical / 1e9, 2),
         fraction_of_median_bandwidth_roofline=round(step_bytes / typical / statistics.median(steps_ours), 3),
-        reference_experts=experts_impl_of(ref),
+        reference_experts=experts_impl_of(ref), **extra,
     )
 
 
@@ -240,7 +249,7 @@ def workload_b(args, sz):
 def workload_c(args, sz):
     text = with_vocab(dict(SMALL_TEXT), sz["vocab"] if args.quick else args.c_vocab)
     cfg = U.bench_config(thinker_layers=sz["C_layers"], thinker_text=text)
-    ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts)
+    ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts, args.dtype, args.ours_dtype)
     vocab = cfg["thinker_config"]["text_config"]["vocab_size"]
     ids = random_ids(1, sz["C_prompt"], args.seed + 2, vocab)
     steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["C_new"])
@@ -287,7 +296,7 @@ class OurFrames:
         if talker.model.compiled_step is not None:  # compiled layer steps run over static caches (as generation does)
             self.cache.set_static(True)
             self.cp_cache.set_static(True)
-        self.pad = torch.zeros(1, prompt_embeds.shape[-1])
+        self.pad = torch.zeros(1, prompt_embeds.shape[-1], dtype=prompt_embeds.dtype)
         self.codes = []
 
     def step(self):
@@ -310,7 +319,7 @@ class ReferenceFrames:
         self.cache = out.cache
         self.hidden = out.hidden_states[0][-1][:, -1:]
         self.code0 = out.logits[:, -1:].argmax(-1)
-        self.pad = torch.zeros(1, 1, prompt_embeds.shape[-1])
+        self.pad = torch.zeros(1, 1, prompt_embeds.shape[-1], dtype=prompt_embeds.dtype)
         self.codes = []
 
     def step(self):
@@ -338,10 +347,10 @@ def workload_d(args, sz):
     cfg["talker_config"]["text_config"].update(talker_text)
     if args.quick:
         cfg["talker_config"]["code_predictor_config"].update(QUICK_PREDICTOR)
-    ours, ref = component_pair("talker", cfg, args.seed, args.reference_experts)
+    ours, ref = component_pair("talker", cfg, args.seed, args.reference_experts, args.dtype, args.ours_dtype)
     C = cfg["talker_config"]["text_config"]["hidden_size"]
     prompt = torch.randn(1, sz["D_prompt"], C, generator=torch.Generator().manual_seed(args.seed))
-    mine, theirs = OurFrames(ours, prompt), ReferenceFrames(ref, prompt)
+    mine, theirs = OurFrames(ours, prompt.to(args.ours_dtype)), ReferenceFrames(ref, prompt.to(args.dtype))
     t_ours, t_ref = U.compare(mine.step, theirs.step, args.warmup, args.repeats)
     same = all(torch.equal(a, b) for a, b in zip(mine.codes, theirs.codes))
     # The parts of our frame: the 15-step code predictor alone.
@@ -359,7 +368,7 @@ def workload_d(args, sz):
     stacks = (ours.model, ours.code_predictor.model)
     for stack in stacks:
         stack.compile_decode_step()
-    mine, theirs = OurFrames(ours, prompt), ReferenceFrames(ref, prompt)
+    mine, theirs = OurFrames(ours, prompt.to(args.ours_dtype)), ReferenceFrames(ref, prompt.to(args.dtype))
     start = time.perf_counter()
     mine.step()
     compile_s = time.perf_counter() - start
@@ -525,11 +534,20 @@ def main(argv=None):
     ap.add_argument("--reference-experts", default=None,
                     help="the reference's experts_implementation (default: its own default, grouped_mm)")
     ap.add_argument("--no-compile", action="store_true", help="skip C's second line (ours with compile_decoding)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and activations of both sides in A-D (F always loads bf16)")
+    ap.add_argument("--ours-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="ours in another dtype than the reference in A-D (ours then holds a cast copy of the "
+                         "weights), e.g. --ours-dtype bfloat16 against the reference in float32")
     ap.add_argument("--tmp", default=None, help="where F writes its synthetic checkpoint (default: $TMPDIR)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
     U.set_threads(args.threads)
+    args.dtype = getattr(torch, args.dtype)
+    args.ours_dtype = getattr(torch, args.ours_dtype) if args.ours_dtype else args.dtype
+    if args.dtype != torch.float32 or args.ours_dtype != args.dtype:
+        U.TAGS.update(dtype=str(args.dtype), ours_dtype=str(args.ours_dtype))
     import transformers
 
     sz = sizes(args.quick)

@@ -60,3 +60,13 @@ def test_gpu_check_dry_run_compiled_pass(scripts_path, capsys):
     summary = next(line for line in lines if line["section"] == "summary")
     assert "thinker_decode_tokens_per_s_compiled" in summary and "stream_real_time_factor_compiled" in summary
     assert any(line["section"] == "stream profile" for line in lines)
+
+
+def test_bench_ours_in_bf16_against_the_reference_in_fp32(scripts_path, capsys):
+    import bench
+
+    bench.main(["--quick", "-w", "A", "--repeats", "1", "--warmup", "0", "--ours-dtype", "bfloat16"])
+    (line,) = json_lines(capsys.readouterr().out)
+    assert line["dtype"] == "torch.float32" and line["ours_dtype"] == "torch.bfloat16"
+    # ours really ran in bf16 (fp32 against fp32 agree to ~1e-6), and still computed the same thing
+    assert 1e-4 < line["max_rel_err"] < 0.05
