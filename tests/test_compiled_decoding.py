@@ -35,11 +35,17 @@ def test_compiled_decode_steps_equal_eager(tiny_model, monkeypatch, rows):
         return counted
 
     monkeypatch.setattr(decoder.torch, "compile", spy_compile)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     tiny_model.compile_decoding()
     try:
         compiled = tiny_model.generate(**batch, **kw)
     finally:
         tiny_model.compile_decoding(False)
+    # each stack compiles a whole layer: no graph break (there was one in attention once the three stacks'
+    # shapes had turned symbolic by sharing one code object)
+    assert not counters["graph_break"], dict(counters["graph_break"])
     layers = {
         "thinker": len(tiny_model.thinker.model.layers),
         "talker": len(tiny_model.talker.model.layers),
@@ -69,3 +75,35 @@ def test_predictor_runner_follows_the_layer_step(tiny_model):
     finally:
         predictor.model.compile_decode_step(False)
     assert predictor_runner(predictor, 1, torch.float32, "cpu") is eager
+
+
+def test_stacks_of_other_widths_compile_whole_layers(tiny_model):
+    """Two stacks with other head counts, compiled in one process: each keeps its own graphs, with no graph
+    break. (Sharing one code object, the second stack's shapes turned symbolic, and attention's GQA flag, then
+    symbolic too, broke every graph in two.)"""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from qwen3omni.model.code_predictor import CodePredictorModel
+
+    cfg = tiny_model.talker.code_predictor.config
+    torch.manual_seed(0)
+    stacks = [CodePredictorModel(dataclasses.replace(cfg, num_attention_heads=h, num_key_value_heads=kv)).eval()
+              for h, kv in ((4, 2), (2, 2), (4, 4))]
+    counters.clear()
+    for stack in stacks:
+        stack.compile_decode_step()
+    try:
+        with torch.no_grad():
+            for stack in stacks:
+                cache = stack.new_cache(1, 4)
+                cache.set_static(True)
+                for t in range(3):
+                    x = torch.randn(1, 1, cfg.hidden_size)
+                    stack(x, torch.full((1, 1, 1), t), cache=cache)
+    finally:
+        for stack in stacks:
+            stack.compile_decode_step(False)
+    assert counters["stats"]["unique_graphs"] >= len(stacks)
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -90,7 +90,9 @@ def attend(
         # SDPA's is_causal aligns top-left; spell out the bottom-right mask for a query block after a cache.
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
         causal = False
-    gqa = q.shape[1] != k.shape[1]
+    # bool(): under torch.compile with symbolic head counts the comparison is a SymBool, which SDPA refuses (a
+    # graph break on every call); bool() specialises the graph on it instead.
+    gqa = bool(q.shape[1] != k.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 

@@ -6,6 +6,7 @@ MLPs, rotary layouts and input embeddings; they own the embeddings, the stack ow
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,14 @@ def run_layer(layer: DecoderLayer, x, rope, mask, kv: LayerKV | None):
     return layer(x, rope, mask, kv)
 
 
+def own_copy(fn: Callable, tag: str) -> Callable:
+    """`fn` with a code object of its own. torch.compile keeps its graphs per code object: stacks sharing one
+    (thinker, talker, code predictor: other widths) would keep recompiling it, its shapes would then turn
+    symbolic (dynamo's automatic dynamic shapes), and every call would walk the others' guards."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 class DecoderStack(nn.Module):
     """`layers` + `norm` + the rotary table shared by all layers."""
 
@@ -75,22 +84,23 @@ class DecoderStack(nn.Module):
 
     def compile_decode_step(self, enable: bool = True, **options) -> None:
         """Run each layer of a static-cache step (the decode steps that generation replays from CUDA graphs)
-        through `torch.compile(run_layer)`: one compiled graph serves every layer (a layer sees its cache as
-        tensors, see `LayerKV`), with its elementwise chains (norms, rotary, SwiGLU, routing) fused into a few
-        kernels. Prefill and training stay eager. The first step compiles (tens of seconds); the cache capacity
-        is symbolic, so later calls with other lengths reuse it. `options` go to `torch.compile`."""
+        through `torch.compile(run_layer)`, a copy of it per stack (see `own_copy`): one compiled graph serves
+        every layer of the stack (a layer sees its cache as tensors, see `LayerKV`), with its elementwise chains
+        (norms, rotary, SwiGLU, routing) fused into a few kernels. Prefill and training stay eager. The first
+        step compiles (tens of seconds); the cache capacity is symbolic, so later calls with other lengths reuse
+        it. `options` go to `torch.compile`."""
         if not enable:
             self.compiled_step = None
             return
-        # Thinker, talker and code predictor steps (and their batch sizes) each add entries for the one
-        # `run_layer` code object; the default limit of 8 would silently send later ones back to eager.
+        # Step widths (a 2-token first step, then 1) and batch sizes each add entries for a stack's code
+        # object; the default limit of 8 would silently send later ones back to eager.
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
         setattr(config, name, max(getattr(config, name), 64))
         for module in self.modules():
             if isinstance(module, Experts):
                 module.prepare_compile()
-        self.compiled_step = torch.compile(run_layer, **options)
+        self.compiled_step = torch.compile(own_copy(run_layer, f"{type(self).__name__}_{id(self):x}"), **options)
 
     @staticmethod
     def _layer_kv(cache: KVCache | None, i: int, compiled: bool) -> LayerKV | None:
