@@ -3,6 +3,8 @@
     python scripts/bench.py                  # every workload at the sizes of issue 10 (CPU fp32, 2 threads)
     python scripts/bench.py -w A B --repeats 7
     python scripts/bench.py --quick          # small sizes: a smoke test that runs in about a minute
+    python scripts/bench.py -w A B C D --dtype bfloat16       # both sides in bf16
+    python scripts/bench.py -w A B C D --ours-dtype bfloat16  # ours in bf16, the reference in fp32
 
 Each workload prints one JSON line: `ours` and `reference` timings (median, min, max over the repeats, after
 warm-up), `ratio` = reference median / ours median (> 1: we are faster), and the check that both sides computed
@@ -23,6 +25,11 @@ workload: the reference at the requested size, ours sharing its tensors (see _be
   F  peak resident memory while loading a multi-GB synthetic sharded checkpoint (bf16, 3.7 GB), ours vs the
      reference, each in a fresh process, relative to the checkpoint's size (with --quick the checkpoint is
      ~0.2 GB and the fixed cost of a first load in a process, ~0.2 GB, dominates: not a meaningful ratio)
+
+Dtypes: A-D run both sides in float32 unless `--dtype` says otherwise; `--ours-dtype` runs ours in another
+dtype than the reference (ours then holds its own cast copy of the weights), which is how a CPU user choosing
+`dtype=torch.bfloat16` in our loader compares with transformers at its float32 default. Lines of such runs
+carry `dtype` and `ours_dtype`. E (Code2Wav) is float32 and F loads bf16 whatever these say.
 
 Noise: the ratios come from interleaved runs of the two sides, so background load hits both; but a machine
 whose cores are shared with other jobs can stall multi-threaded (OpenMP) runs for whole scheduler slices, so

@@ -107,7 +107,7 @@ def test_gradients_match_reference(strategy):
         assert rel_err(g, w) < TOL
 
 
-@pytest.mark.parametrize("strategy", ["pairs", "sorted"])
+@pytest.mark.parametrize("strategy", ["pairs", "sorted", "auto"] + STRATEGIES[3:])  # + grouped_mm where present
 def test_bf16_close_to_fp32(strategy):
     """bf16 weights and activations: within bf16 rounding of the fp32 result, no overflow or NaN."""
     ex32 = experts(E=16, H=64, inner=32, seed=8)
@@ -120,6 +120,20 @@ def test_bf16_close_to_fp32(strategy):
         got = ex16(x.bfloat16(), Routing(r.logits, r.weights.bfloat16(), r.experts))
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     assert rel_err(got.float(), want) < 3e-2
+    assert rel_err(got.float().roll(1, 0), want) > 0.5  # another token's output is far off
+
+
+def test_cpu_strategy_choice():
+    """CPU: pairs for a few tokens; then sorted, or grouped_mm for bf16 inference (not float32, not training)."""
+    ex32 = experts(E=16, H=64, inner=32, seed=8)
+    ex16 = experts(E=16, H=64, inner=32, seed=8, dtype=torch.bfloat16)
+    few, many = routing(2, 16, 4, seed=1), routing(9, 16, 4, seed=2)
+    x2, x9 = torch.zeros(2, 64), torch.zeros(9, 64)
+    with torch.no_grad():
+        assert ex16.strategy(x2.bfloat16(), few) == ex32.strategy(x2, few) == "pairs"
+        assert ex32.strategy(x9, many) == "sorted"
+        assert ex16.strategy(x9.bfloat16(), many) == ("grouped_mm" if hasattr(torch, "_grouped_mm") else "sorted")
+    assert ex16.strategy(x9.bfloat16(), many) == "sorted"  # gradients recorded
 
 
 def test_block_with_shared_expert_uses_dispatch():

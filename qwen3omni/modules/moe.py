@@ -49,12 +49,23 @@ class Router(nn.Module):
 def grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` runs these tensors natively: CUDA, bf16, compute capability 8.0 or newer.
 
-    (PyTorch has a CPU `_grouped_mm` too; measured on CPU it is no faster than the "sorted" path for prefill
-    and slower than "pairs" for decoding, so CPU calls do not use it unless asked to.)
+    (PyTorch has a CPU `_grouped_mm` too: slower than "pairs" for decoding, no faster than "sorted" for a
+    float32 prefill, ~10% faster for a bf16 one; see `cpu_grouped_mm_faster`.)
     """
     if not (hasattr(torch, "_grouped_mm") and x.is_cuda and weight.dtype == torch.bfloat16):
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def cpu_grouped_mm_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a CPU prefill takes `torch._grouped_mm`: bf16 inference, where its kernel is ~10% faster than
+    the "sorted" loop per thinker prefill (measured: 512 tokens, real widths, 2 threads); not in float32 (no
+    faster there, and that path stays bit-for-bit the same), nor when gradients are recorded."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.dtype == weight.dtype == torch.bfloat16
+        and not torch.is_grad_enabled()
+    )
 
 
 def _times_transposed(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -80,7 +91,8 @@ class Experts(nn.Module):
       the device: no host sync and no data-dependent shapes (CUDA bf16; CUDA graphs and torch.compile friendly).
     - "gathered": copy the chosen experts' weights and run batched matmuls; also sync-free, the fallback for
       accelerators without `_grouped_mm` (it moves k expert matrices per token, so eager CPU calls do not use it).
-    `dispatch = "auto"` (the default) picks per call (inside torch.compile: grouped_mm or gathered); set it to
+    `dispatch = "auto"` (the default) picks per call (CPU: pairs for a few tokens, else sorted, or grouped_mm
+    for bf16 inference) (inside torch.compile: grouped_mm or gathered); set it to
     a name to force one (tests compare them all against `moe_reference`).
     """
 
@@ -124,7 +136,9 @@ class Experts(nn.Module):
         if torch.compiler.is_compiling():  # no host reads inside a compiled graph
             return self.compiled_dispatch
         if x_NH.device.type == "cpu":
-            return "pairs" if x_NH.shape[0] <= self.pairs_limit else "sorted"
+            if x_NH.shape[0] <= self.pairs_limit:
+                return "pairs"
+            return "grouped_mm" if cpu_grouped_mm_faster(x_NH, self.gate_up_proj) else "sorted"
         if grouped_mm_usable(x_NH, self.gate_up_proj):
             return "grouped_mm"
         return "gathered" if routing.experts.numel() <= self.gate_up_proj.shape[0] else "sorted"
