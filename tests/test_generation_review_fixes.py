@@ -182,3 +182,30 @@ def test_prefilled_answer_is_refused_for_speech_only(pair, batch):
         list(pair.ours.stream(ids[:, :-4], mask[:, :-4], max_new_tokens=2, **GREEDY_SPEECH))  # ends mid-head
     out = pair.ours.generate(ids, mask, max_new_tokens=2, return_audio=False)  # text continues the pre-fill
     assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 5e-5])
+def test_a_tiny_temperature_samples_the_best_token_instead_of_nan(temperature):
+    """logits / 1e-40 overflows; the draw must still be finite and (the distribution being one-hot) the argmax,
+    including for bf16 logits and with top-p/min-p on top."""
+    from qwen3omni.generation.sampling import SamplingConfig, choose, warp
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 20
+    for dtype in (torch.float32, torch.bfloat16):
+        for extra in ({}, {"top_p": 0.9}, {"min_p": 0.1}):
+            s = SamplingConfig(do_sample=True, temperature=temperature, **extra)
+            probs = warp(logits.to(dtype).float(), s).softmax(-1)
+            assert torch.isfinite(probs).all(), (dtype, extra)
+            got = choose(logits.to(dtype), s, torch.Generator().manual_seed(1))
+            assert torch.equal(got, logits.to(dtype).argmax(-1)), (dtype, extra)
+
+
+def test_usual_temperatures_divide_as_before():
+    """Above the cut-off the logits are divided as transformers divides them (bit for bit), so seeded draws
+    stay equal to the reference's."""
+    from qwen3omni.generation.sampling import TINY_TEMPERATURE, SamplingConfig, warp
+
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(3)) * 5
+    for t in (TINY_TEMPERATURE, 0.3, 0.9, 1.7):
+        assert torch.equal(warp(logits, SamplingConfig(do_sample=True, temperature=t)), logits / t)

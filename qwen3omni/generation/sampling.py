@@ -32,6 +32,9 @@ class SamplingConfig:
         check_sampling(self, prefix)
 
 
+TINY_TEMPERATURE = 1e-4  # below it, `warp` shifts the logits by their max before dividing
+
+
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -67,7 +70,13 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BL: torch.Tensor | No
 
 def warp(logits_BV: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p: the distribution a sampled token is drawn from (as logits)."""
-    logits = logits_BV / s.temperature if s.temperature != 1.0 else logits_BV
+    if s.temperature < TINY_TEMPERATURE:
+        # logits / 1e-40 overflows to inf and the softmax to NaN; shifted by the row's max first, the best token
+        # stays at 0 and the others go to -inf: the same distribution, finite. (Only here: for usual
+        # temperatures the plain division keeps the draws bit-equal to transformers'.)
+        logits = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / s.temperature
+    else:
+        logits = logits_BV / s.temperature if s.temperature != 1.0 else logits_BV
     neg = float("-inf")
     if s.top_k > 0:
         k = min(s.top_k, logits.shape[-1])
