@@ -26,10 +26,10 @@ workload: the reference at the requested size, ours sharing its tensors (see _be
      reference, each in a fresh process, relative to the checkpoint's size (with --quick the checkpoint is
      ~0.2 GB and the fixed cost of a first load in a process, ~0.2 GB, dominates: not a meaningful ratio)
 
-Dtypes: A-D run both sides in float32 unless `--dtype` says otherwise; `--ours-dtype` runs ours in another
+Dtypes: A-E run both sides in float32 unless `--dtype` says otherwise; `--ours-dtype` runs ours in another
 dtype than the reference (ours then holds its own cast copy of the weights), which is how a CPU user choosing
 `dtype=torch.bfloat16` in our loader compares with transformers at its float32 default. Lines of such runs
-carry `dtype` and `ours_dtype`. E (Code2Wav) is float32 and F loads bf16 whatever these say.
+carry `dtype` and `ours_dtype`. E (Code2Wav) follows them too; F loads bf16 whatever they say.
 
 Noise: the ratios come from interleaved runs of the two sides, so background load hits both; but a machine
 whose cores are shared with other jobs can stall multi-threaded (OpenMP) runs for whole scheduler slices, so
@@ -399,13 +399,14 @@ def workload_e(args, sz):
     if args.quick:
         cfg["code2wav_config"].update(QUICK_CODE2WAV)
     rc = U.reference_config(cfg)
-    ref = U.build_reference("Qwen3OmniMoeCode2Wav", rc.code2wav_config, args.seed, "code2wav.")
-    ours = U.twin(Code2Wav, U.ours_config(cfg).code2wav, ref)
+    ref = U.build_reference("Qwen3OmniMoeCode2Wav", rc.code2wav_config, args.seed, "code2wav.", args.dtype)
+    cast = args.ours_dtype if args.ours_dtype != args.dtype else None
+    ours = U.twin(Code2Wav, U.ours_config(cfg).code2wav, ref, cast)
     q, size = cfg["code2wav_config"]["num_quantizers"], cfg["code2wav_config"]["codebook_size"]
     frames, context = sz["E_frames"], sz["E_context"]
     codes = torch.randint(0, size, (1, q, frames), generator=torch.Generator().manual_seed(args.seed))
     mine, theirs = ours(codes), ref.chunked_decode(codes)
-    err = float((mine - theirs[..., : mine.shape[-1]]).abs().max())
+    err = float((mine.float() - theirs[..., : mine.shape[-1]].float()).abs().max())
     t_ours, t_ref = U.compare(lambda: ours(codes), lambda: ref.chunked_decode(codes), args.warmup, args.repeats)
     U.report("E code2wav offline", "s", t_ours, t_ref, frames=frames, max_abs_err=err,
              audio_seconds=frames * 0.08)
@@ -542,9 +543,9 @@ def main(argv=None):
                     help="the reference's experts_implementation (default: its own default, grouped_mm)")
     ap.add_argument("--no-compile", action="store_true", help="skip C's second line (ours with compile_decoding)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="weights and activations of both sides in A-D (F always loads bf16)")
+                    help="weights and activations of both sides in A-E (F always loads bf16)")
     ap.add_argument("--ours-dtype", default=None, choices=["float32", "bfloat16"],
-                    help="ours in another dtype than the reference in A-D (ours then holds a cast copy of the "
+                    help="ours in another dtype than the reference in A-E (ours then holds a cast copy of the "
                          "weights), e.g. --ours-dtype bfloat16 against the reference in float32")
     ap.add_argument("--tmp", default=None, help="where F writes its synthetic checkpoint (default: $TMPDIR)")
     args = ap.parse_args(argv)
