@@ -1,9 +1,11 @@
 """`few_row_linear`: F.linear for one row or a handful of rows against a large weight, on CPU.
 
+The decoders' projections and heads and Code2Wav's pointwise layers are `FewRowLinear`s.
+
 One row in bf16 (a batch-1 decode step of a bf16 model on CPU): F.linear's bf16 kernel streams the weight at
 6-9 Gparam/s here (2 threads), `torch.mv` at 8-11 (measured over 300 MB of [3072, 1024], [2048, 2048],
-[768, 2048] ... weights), so one-row bf16 calls take `mv`. fp32 is left on F.linear: there the two are within
-noise of each other, and the default (fp32) path stays bit-for-bit what it was.
+[768, 2048] ... weights), so one-row bf16 calls take `mv`. One row in fp32 stays on F.linear: there the two are
+within noise of each other, and a batch-1 fp32 decode step stays bit-for-bit what it was.
 
 Streaming Code2Wav multiplies 4-row blocks (one frame, upsampled ×4) by weights of tens of MB. For 3-8 rows
 the default CPU GEMM streams the weight at about half the machine's bandwidth (measured: [4, 3072] × [3072,

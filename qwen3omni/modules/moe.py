@@ -5,7 +5,8 @@ The checkpoint stores them one tensor per expert; `qwen3omni.checkpoint` convert
 
 `Experts` has several dispatch strategies (see its docstring), chosen per call by device and token count:
 on CPU a loop over the chosen experts' weight slices for decoding and a sort-by-expert grouping for
-prefill; on CUDA `torch._grouped_mm`, with no host sync, so a decode step can be captured in a CUDA graph.
+prefill (`torch._grouped_mm` for a bf16 one); on CUDA `torch._grouped_mm`, with no host sync, so a decode
+step can be captured in a CUDA graph.
 `moe_reference` is the slow, obviously-correct loop the tests compare against.
 """
 
@@ -91,9 +92,9 @@ class Experts(nn.Module):
       the device: no host sync and no data-dependent shapes (CUDA bf16; CUDA graphs and torch.compile friendly).
     - "gathered": copy the chosen experts' weights and run batched matmuls; also sync-free, the fallback for
       accelerators without `_grouped_mm` (it moves k expert matrices per token, so eager CPU calls do not use it).
-    `dispatch = "auto"` (the default) picks per call (CPU: pairs for a few tokens, else sorted, or grouped_mm
-    for bf16 inference) (inside torch.compile: grouped_mm or gathered); set it to
-    a name to force one (tests compare them all against `moe_reference`).
+    `dispatch = "auto"` (the default) picks per call: on CPU pairs for a few tokens, else sorted (grouped_mm for
+    bf16 inference); inside torch.compile grouped_mm or gathered. Set it to a name to force one (tests compare
+    them all against `moe_reference`).
     """
 
     STRATEGIES = ("auto", "pairs", "sorted", "grouped_mm", "gathered")
