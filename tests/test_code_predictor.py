@@ -138,6 +138,25 @@ def test_teacher_forced_logits_equal_step_by_step(which, request):
     assert max_rel_err(tf.view(6, *tf.shape[2:]), frame.logits) < TOL
 
 
+def test_forward_is_teacher_forcing_and_hooks_see_the_talkers_call(tiny):
+    """`talker.code_predictor(...)` is the teacher-forced pass, and the talker's training call goes through it,
+    so a forward hook on the code predictor fires (it used to have no forward at all)."""
+    hidden, layer0 = _frames(tiny, B=4, seed=2)
+    frame = tiny.talker.predict_residual(hidden, layer0)
+    codes = torch.cat([layer0[:, None], frame.codes], dim=1).view(2, 2, -1)
+    seen = []
+    handle = tiny.talker.code_predictor.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        with torch.no_grad():
+            via_talker = tiny.talker.code_predictor_logits(hidden.view(2, 2, -1), codes)
+            layer0_embed = tiny.talker.model.codec_embedding(codes[..., 0])
+            direct = tiny.talker.code_predictor(hidden.view(2, 2, -1), layer0_embed, codes[..., 1:])
+    finally:
+        handle.remove()
+    assert seen == [via_talker.shape, direct.shape]
+    assert torch.equal(via_talker, direct)
+
+
 def test_sampling_matches_reference_draws(tiny):
     """With the reference's knobs (top_k 50, top_p 0.8, temperature 1) and the same global seed, our draws equal
     the reference's sampled codes: same distribution after warping, same multinomial calls."""

@@ -168,6 +168,13 @@ class CodePredictor(nn.Module):
         out = self.model(seq[:, start : start + width], positions[..., start : start + width], cache=cache)
         return self.lm_head[step](out.last_hidden_state[:, -1])
 
+    def forward(
+        self, talker_hidden_BTC: torch.Tensor, layer0_embed_BTC: torch.Tensor, residual_codes_BTN: torch.Tensor
+    ) -> torch.Tensor:
+        """The training / inspection call: `teacher_forced_logits` (so forward hooks on the code predictor, and
+        wrappers that act on `forward` such as FSDP units, see it). Generation calls `predict`."""
+        return self.teacher_forced_logits(talker_hidden_BTC, layer0_embed_BTC, residual_codes_BTN)
+
     def teacher_forced_logits(
         self, talker_hidden_BTC: torch.Tensor, layer0_embed_BTC: torch.Tensor, residual_codes_BTN: torch.Tensor
     ) -> torch.Tensor:

@@ -154,7 +154,7 @@ class Talker(nn.Module):
         codes_BTG = codes_BTG.clamp_min(0)  # negative codes mark padding frames, which the loss ignores
         self._check_codes(codes_BTG[..., 0], codes_BTG[..., 1:], "codes_BTG[..., 0]", "codes_BTG[..., 1:]")
         layer0 = self.model.codec_embedding(codes_BTG[..., 0])
-        return self.code_predictor.teacher_forced_logits(talker_hidden_BTC, layer0, codes_BTG[..., 1:])
+        return self.code_predictor(talker_hidden_BTC, layer0, codes_BTG[..., 1:])
 
     def _check_codes(self, layer0, residual, layer0_name: str, residual_name: str) -> None:
         """Codes inside their tables (else IndexError inside F.embedding; on a GPU a device-side assert). One host
