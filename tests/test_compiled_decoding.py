@@ -107,3 +107,9 @@ def test_stacks_of_other_widths_compile_whole_layers(tiny_model):
             stack.compile_decode_step(False)
     assert counters["stats"]["unique_graphs"] >= len(stacks)
     assert not counters["graph_break"], dict(counters["graph_break"])
+    # one code object per stack, kept across turning compilation off and on (so its graphs are reused)
+    steps = [stack._layer_step for stack in stacks]
+    assert len({id(s.__code__) for s in steps}) == len(stacks)
+    stacks[0].compile_decode_step()
+    assert stacks[0]._layer_step is steps[0]
+    stacks[0].compile_decode_step(False)

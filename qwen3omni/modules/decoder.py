@@ -73,6 +73,7 @@ class DecoderStack(nn.Module):
         self.rotary = rotary
         self.gradient_checkpointing = False
         self.compiled_step = None  # see compile_decode_step
+        self._layer_step = None  # this stack's own copy of run_layer, made on the first compile_decode_step
 
     def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> KVCache:
         attn = self.layers[0].self_attn
@@ -100,7 +101,9 @@ class DecoderStack(nn.Module):
         for module in self.modules():
             if isinstance(module, Experts):
                 module.prepare_compile()
-        self.compiled_step = torch.compile(own_copy(run_layer, f"{type(self).__name__}_{id(self):x}"), **options)
+        if self._layer_step is None:  # kept, so that turning compilation off and on again reuses the graphs
+            self._layer_step = own_copy(run_layer, f"{type(self).__name__}_{id(self):x}")
+        self.compiled_step = torch.compile(self._layer_step, **options)
 
     @staticmethod
     def _layer_kv(cache: KVCache | None, i: int, compiled: bool) -> LayerKV | None:
