@@ -554,6 +554,8 @@ def main(argv=None):
     U.set_threads(args.threads)
     args.dtype = getattr(torch, args.dtype)
     args.ours_dtype = getattr(torch, args.ours_dtype) if args.ours_dtype else args.dtype
+    U.TAGS.clear()  # (main may run several times in one process: the tests do)
+    U.REPORTS.clear()
     if args.dtype != torch.float32 or args.ours_dtype != args.dtype:
         U.TAGS.update(dtype=str(args.dtype), ours_dtype=str(args.ours_dtype))
     import transformers

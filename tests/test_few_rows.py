@@ -136,3 +136,26 @@ def test_compiled_one_bf16_row_keeps_the_matvec_op():
         got = torch.compile(few_row_linear, backend=backend, fullgraph=True)(x, w)
     assert any("qwen3omni.matvec" in t for t in seen), seen
     assert torch.equal(got, torch.mv(w, x[0]).view(1, 32))  # the same kernel: the same bits
+
+
+def test_autocast_chooses_the_dtype_on_every_row_count():
+    """Under CPU autocast the output dtype is autocast's, whatever the row count (the oneDNN and mv kernels do
+    not know autocast, so such calls stay on F.linear)."""
+    from qwen3omni.modules.few_rows import FewRowLinear
+
+    layer32 = FewRowLinear(16, 8).eval()
+    layer16 = FewRowLinear(16, 8).bfloat16().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {layer32(torch.randn(rows, 16)).dtype for rows in (1, 2, 4, 8, 9)} == {torch.bfloat16}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert layer16(torch.randn(1, 16).bfloat16()).dtype == torch.float16
+
+
+@needs_onednn
+def test_strided_bias_on_the_onednn_path():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(4, 32, generator=g), torch.randn(24, 32, generator=g)
+    b = torch.randn(48, generator=g)[::2]  # a strided view
+    with torch.no_grad():
+        assert uses_onednn(x, w)
+        torch.testing.assert_close(few_row_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)

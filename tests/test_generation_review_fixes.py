@@ -184,7 +184,7 @@ def test_prefilled_answer_is_refused_for_speech_only(pair, batch):
     assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
 
 
-@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 5e-5])
+@pytest.mark.parametrize("temperature", [1e-300, 1e-46, 1e-40, 1e-30, 5e-5])
 def test_a_tiny_temperature_samples_the_best_token_instead_of_nan(temperature):
     """logits / 1e-40 overflows; the draw must still be finite and (the distribution being one-hot) the argmax,
     including for bf16 logits and with top-p/min-p on top."""

@@ -120,3 +120,20 @@ def test_empty_batches_of_codes_and_non_bool_compile_flags_are_refused(tiny_mode
     with pytest.raises(InputError, match="enable: expected True or False, got 'false'"):
         tiny_model.compile_decoding("false")
     assert all(s.compiled_step is None for s in (tiny_model.thinker.model, tiny_model.talker.model))
+
+
+def test_a_stack_pickles_with_compilation_on_or_after_it(tiny_model):
+    """torch.save of a whole stack works whether its decode step is compiled or was (the compiled wrapper and
+    the stack's own copy of run_layer are left out; the loaded stack runs eagerly until compiled again)."""
+    import io
+
+    stack = copy.deepcopy(tiny_model.thinker.model)
+    for toggles in ((True,), (True, False)):
+        for on in toggles:
+            stack.compile_decode_step(on)
+        buf = io.BytesIO()
+        torch.save(stack, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert loaded.compiled_step is None and loaded._layer_step is None
+    stack.compile_decode_step(False)

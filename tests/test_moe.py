@@ -123,6 +123,19 @@ def test_bf16_close_to_fp32(strategy):
     assert rel_err(got.float().roll(1, 0), want) > 0.5  # another token's output is far off
 
 
+@pytest.mark.parametrize("dim,inner", [(16, 8), (12, 8), (16, 6)])
+def test_bf16_prefill_any_width(dim, inner):
+    """bf16 CPU prefill at widths the grouped kernel cannot take (rows not 16-byte multiples) falls back to the
+    sorted loop instead of raising, and agrees with the reference loop."""
+    ex = experts(E=4, H=dim, inner=inner, seed=3, dtype=torch.bfloat16)
+    r = routing(10, 4, 2, seed=4)
+    x = torch.randn(10, dim, generator=torch.Generator().manual_seed(5)).bfloat16()
+    r16 = Routing(r.logits, r.weights.bfloat16(), r.experts)
+    with torch.no_grad():
+        got, want = ex(x, r16), moe_reference(ex, x, r16)
+    assert rel_err(got.float(), want.float()) < 3e-2
+
+
 def test_cpu_strategy_choice():
     """CPU: pairs for a few tokens; then sorted, or grouped_mm for bf16 inference (not float32, not training)."""
     ex32 = experts(E=16, H=64, inner=32, seed=8)

@@ -70,3 +70,12 @@ def test_bench_ours_in_bf16_against_the_reference_in_fp32(scripts_path, capsys):
     assert line["dtype"] == "torch.float32" and line["ours_dtype"] == "torch.bfloat16"
     # ours really ran in bf16 (fp32 against fp32 agree to ~1e-6), and still computed the same thing
     assert 1e-4 < line["max_rel_err"] < 0.05
+
+
+def test_bench_dtype_tags_do_not_leak_into_a_later_run(scripts_path, capsys):
+    import bench
+
+    bench.main(["--quick", "-w", "A", "--repeats", "1", "--warmup", "0", "--dtype", "bfloat16"])
+    bench.main(["--quick", "-w", "A", "--repeats", "1", "--warmup", "0"])
+    first, second = json_lines(capsys.readouterr().out)
+    assert first["dtype"] == "torch.bfloat16" and "dtype" not in second and "ours_dtype" not in second

@@ -74,7 +74,9 @@ def warp(logits_BV: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
         # logits / 1e-40 overflows to inf and the softmax to NaN; shifted by the row's max first, the best token
         # stays at 0 and the others go to -inf: the same distribution, finite. (Only here: for usual
         # temperatures the plain division keeps the draws bit-equal to transformers'.)
-        logits = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / s.temperature
+        # (divided by at least float32's smallest normal: a Python 1e-50 would become 0 in a float32 division)
+        divisor = max(s.temperature, torch.finfo(torch.float32).tiny)
+        logits = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / divisor
     else:
         logits = logits_BV / s.temperature if s.temperature != 1.0 else logits_BV
     neg = float("-inf")

@@ -75,6 +75,13 @@ class DecoderStack(nn.Module):
         self.compiled_step = None  # see compile_decode_step
         self._layer_step = None  # this stack's own copy of run_layer, made on the first compile_decode_step
 
+    def __getstate__(self):
+        # Pickling (torch.save of a whole model, multiprocessing) and deepcopy leave the compiled step out: the
+        # compiled wrapper and this stack's copy of run_layer cannot be pickled; call compile_decode_step again.
+        state = self.__dict__.copy()
+        state["compiled_step"] = state["_layer_step"] = None
+        return state
+
     def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> KVCache:
         attn = self.layers[0].self_attn
         param = self.norm.weight

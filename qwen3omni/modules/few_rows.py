@@ -44,9 +44,17 @@ def _onednn_linear():
 _ONEDNN_LINEAR = _onednn_linear()
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `few_row_linear(x, weight)` takes the oneDNN kernel: fp32 CPU inference with 3-8 rows (the op
-    has no autograd formula, so a call that records gradients stays on F.linear)."""
+    has no autograd formula, so a call that records gradients stays on F.linear; nor does autocast know it, so
+    calls under CPU autocast stay on F.linear too)."""
     if _ONEDNN_LINEAR is None or torch.compiler.is_compiling():  # inductor lowers the op only for weights
         return False  # it has frozen as graph constants; and `rows` may be symbolic there
     rows = x.numel() // max(x.shape[-1], 1)
@@ -55,17 +63,20 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_grad_enabled()
+        and not _cpu_autocast()
     )
 
 
 def uses_matvec(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `few_row_linear(x, weight)` takes `torch.mv`: one row, bf16, CPU, no gradient recorded."""
+    """Whether `few_row_linear(x, weight)` takes `torch.mv`: one row, bf16, CPU, no gradient recorded, no CPU
+    autocast (which would choose the dtype itself)."""
     return (
         x.numel() == x.shape[-1]
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.bfloat16
         and weight.dim() == 2
         and not torch.is_grad_enabled()
+        and not _cpu_autocast()
     )
 
 
@@ -90,13 +101,16 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         y = y if bias is None else y.add_(bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     if uses_onednn(x, weight):
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        # (the op reads the bias as contiguous memory: a strided one would give wrong values, silently)
+        return _ONEDNN_LINEAR(x, weight, None if bias is None else bias.contiguous(), "none", [], "")
     return F.linear(x, weight, bias)
 
 
 class FewRowLinear(nn.Linear):
     """nn.Linear computed by `few_row_linear`: the same parameters and names, and it is still called as a
-    module, so forward hooks and PEFT's LoRA wrappers see it like any other linear."""
+    module, so forward hooks and PEFT's LoRA wrappers see it like any other linear. (Tools that match the exact
+    type, such as `torch.ao.quantization.quantize_dynamic`, skip it: set `module.__class__ = nn.Linear` on
+    each first, or give them `{FewRowLinear}` and a mapping.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return few_row_linear(x, self.weight, self.bias)
