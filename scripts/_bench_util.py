@@ -191,7 +191,8 @@ def names_match(ours_cls, ours_cfg, reference_cls_name: str, reference_cfg) -> l
 def twin(ours_cls, ours_cfg, reference: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Our module built on meta, then given the reference's tensors (shared, not copied: no second copy of the
     weights is ever allocated; names must match). Computed buffers are then allocated and rebuilt.
-    With a `dtype` other than the reference's, ours gets copies of its floating-point tensors in that dtype."""
+    With a `dtype` other than the reference's, ours gets copies of its floating-point tensors in that dtype
+    (`.to` returns a tensor already in `dtype` itself, so those stay shared)."""
     with torch.device("meta"):
         ours = ours_cls(ours_cfg)
     state = reference_state(reference)

@@ -105,8 +105,7 @@ def component_pair(part: str, cfg: dict, seed: int, experts_impl: str | None, dt
         ref_cfg.text_config._experts_implementation = experts_impl
     ref = U.build_reference(f"Qwen3OmniMoe{part.title()}ForConditionalGeneration", ref_cfg, seed, f"{part}.", dtype)
     ours_cls = {"thinker": Thinker, "talker": Talker}[part]
-    cast = ours_dtype if ours_dtype not in (None, dtype) else None
-    return U.twin(ours_cls, getattr(U.ours_config(cfg), part), ref, cast), ref
+    return U.twin(ours_cls, getattr(U.ours_config(cfg), part), ref, ours_dtype), ref
 
 
 def random_ids(batch: int, length: int, seed: int, vocab: int = 150000) -> torch.Tensor:
@@ -234,8 +233,8 @@ def workload_b(args, sz):
 
     extra = {}
     if args.ours_dtype != torch.float32:
-        # In bf16 the matrix-vector kernel, not memory, is the limit here (it converts every weight to float32
-        # before the multiply-add): the speed ATen's best bf16 kernel reads weights at, as a second roofline.
+        # A second roofline: the speed ATen's best bf16 matrix-vector kernel reads one large matrix at (on small
+        # ones it is slower than float32's kernel per byte, see README).
         kernel = U.matvec_bandwidth(args.ours_dtype)
         extra = {"kernel_bandwidth_GBps": round(kernel / 1e9, 2),
                  "fraction_of_kernel_roofline": round(step_bytes / kernel / statistics.median(steps_ours), 3)}
@@ -400,8 +399,7 @@ def workload_e(args, sz):
         cfg["code2wav_config"].update(QUICK_CODE2WAV)
     rc = U.reference_config(cfg)
     ref = U.build_reference("Qwen3OmniMoeCode2Wav", rc.code2wav_config, args.seed, "code2wav.", args.dtype)
-    cast = args.ours_dtype if args.ours_dtype != args.dtype else None
-    ours = U.twin(Code2Wav, U.ours_config(cfg).code2wav, ref, cast)
+    ours = U.twin(Code2Wav, U.ours_config(cfg).code2wav, ref, args.ours_dtype)
     q, size = cfg["code2wav_config"]["num_quantizers"], cfg["code2wav_config"]["codebook_size"]
     frames, context = sz["E_frames"], sz["E_context"]
     codes = torch.randint(0, size, (1, q, frames), generator=torch.Generator().manual_seed(args.seed))
