@@ -500,7 +500,8 @@ class SpeechLoop:
     @torch.no_grad()
     def predict(self):
         """Codes 1..15 of the current frame (code predictor, 15 steps)."""
-        frame = self.model.talker.predict_residual(self.hidden, self.code0, cache=self.cp_cache)
+        frame = self.model.talker.predict_residual(self.hidden, self.code0, cache=self.cp_cache,
+                                                     check_ids=False)  # captured in a CUDA graph: no sync
         self.codes[:, 0] = self.code0
         self.codes[:, 1:] = frame.codes
         return frame

@@ -231,6 +231,15 @@ def test_rejects_bad_input(tiny):
         tiny.ours.predict(hidden, embed, cache=tiny.ours.new_cache(3))
     with pytest.raises(InputError, match="codes_BTG"):
         tiny.talker.code_predictor_logits(hidden[:, None], torch.zeros(2, 1, 15, dtype=torch.long))
+    # code 0 as ids through the talker: checked before the embedding lookup would fail inside torch
+    vocab = tiny.talker.config.text.vocab_size
+    cases = ((torch.tensor([0, vocab]), f"in \\[0, {vocab}\\), got {vocab}"), (torch.tensor([-1, 0]), "got -1"),
+             (layer0.float(), "integer"), (layer0[:, None], "1-D"), (layer0[:1], "one per row"))
+    for bad, says in cases:
+        with pytest.raises(InputError, match="layer0_ids_B") as err:
+            tiny.talker.predict_residual(hidden, bad)
+        assert err.match(says), err.value
+    assert tiny.talker.predict_residual(hidden, torch.tensor([0, vocab - 1])).codes.shape == (2, 15)
 
 
 def test_config_mirrors_released_counts():

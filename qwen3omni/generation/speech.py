@@ -120,7 +120,8 @@ def _predictor(talker, batch: int, dtype, device, graphs: bool, settings: Speech
     cache = talker.code_predictor.new_cache(batch, dtype, device)
 
     def predict(hidden, token):
-        frame = talker.predict_residual(hidden, token, settings.predictor, settings.generator, cache)
+        frame = talker.predict_residual(hidden, token, settings.predictor, settings.generator, cache,
+                                       check_ids=False)
         return frame.codes, frame.codec_embeds
 
     return predict

@@ -140,8 +140,22 @@ class Talker(nn.Module):
         generator: torch.Generator | None = None,
         cache: KVCache | None = None,
         return_logits: bool = False,
+        check_ids: bool = True,
     ) -> PredictedFrame:
-        """Run the code predictor for one frame: codes 1..G-1 and the summed embedding for the next step."""
+        """Run the code predictor for one frame: codes 1..G-1 and the summed embedding for the next step.
+
+        `layer0_ids_B` [B] holds one code 0 per row of `talker_hidden_BC`. `check_ids` checks them against the
+        codec vocabulary, one host read (a sync on a GPU, not allowed while capturing a CUDA graph): generation
+        loops, which feed back codes they sampled themselves, pass False."""
+        if check_ids:
+            hidden = talker_hidden_BC
+            rows = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() else None
+            if not isinstance(layer0_ids_B, torch.Tensor) or layer0_ids_B.dim() != 1 or layer0_ids_B.shape[0] != rows:
+                raise InputError(
+                    f"layer0_ids_B: expected a 1-D tensor of codec ids, one per row of talker_hidden_BC ({rows}), "
+                    f"got {describe(layer0_ids_B)}"
+                )
+            self._check_ids("layer0_ids_B", layer0_ids_B, self.config.text.vocab_size)
         return self.code_predictor.predict(
             talker_hidden_BC, self.model.codec_embedding(layer0_ids_B), sampling, generator, cache, return_logits
         )
@@ -158,14 +172,18 @@ class Talker(nn.Module):
 
     def _check_codes(self, layer0, residual, layer0_name: str, residual_name: str) -> None:
         """Codes inside their tables (else IndexError inside F.embedding; on a GPU a device-side assert). One host
-        read: for these helpers, not for the generation loop, which only feeds back codes it sampled itself."""
-        for name, codes, vocab in ((layer0_name, layer0, self.config.text.vocab_size),
-                                   (residual_name, residual, self.config.code_predictor.vocab_size)):
-            if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
-                raise InputError(f"{name}: expected integer codec ids, got {describe(codes)}")
-            bad = (codes < 0) | (codes >= vocab)
-            if bool(bad.any()):
-                raise InputError(f"{name}: expected codec ids in [0, {vocab}), got {int(codes[bad][0])}")
+        read per table: for these helpers, not for the generation loop, which only feeds back codes it sampled."""
+        self._check_ids(layer0_name, layer0, self.config.text.vocab_size)
+        self._check_ids(residual_name, residual, self.config.code_predictor.vocab_size)
+
+    @staticmethod
+    def _check_ids(name: str, codes, vocab: int) -> None:
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() \
+                or codes.dtype == torch.bool:
+            raise InputError(f"{name}: expected integer codec ids, got {describe(codes)}")
+        bad = (codes < 0) | (codes >= vocab)
+        if bool(bad.any()):
+            raise InputError(f"{name}: expected codec ids in [0, {vocab}), got {int(codes[bad][0])}")
 
 
 # ---- rotary positions -------------------------------------------------------------------------------------------
