@@ -49,6 +49,27 @@ def test_bench_quick_speech_frame_matches_reference(scripts_path, capsys):
         assert line["ours"]["n"] == 1 and line["reference"]["n"] == 1 and line["ratio"] > 0
 
 
+def test_bench_goes_on_when_compiling_fails(scripts_path, capsys, monkeypatch):
+    import bench
+
+    from qwen3omni.modules.decoder import DecoderStack
+
+    real = DecoderStack.compile_decode_step
+
+    def broken(self, enable=True, **options):
+        if enable:
+            raise RuntimeError("no C++ compiler here")
+        return real(self, False)
+
+    monkeypatch.setattr(DecoderStack, "compile_decode_step", broken)
+    bench.main(["--quick", "-w", "D", "E", "--repeats", "1", "--warmup", "0"])
+    out = capsys.readouterr()
+    workloads = [line["workload"] for line in json_lines(out.out)]
+    assert workloads[0].startswith("D speech frame") and not any("compiled" in w for w in workloads)
+    assert any(w.startswith("E code2wav") for w in workloads)  # the run went on after D
+    assert "the compiled line is skipped" in out.err and "no C++ compiler here" in out.err
+
+
 def test_gpu_check_dry_run_compiled_pass(scripts_path, capsys):
     import gpu_check
 
