@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 import threading
@@ -475,9 +476,10 @@ def save_checkpoint(
 
     Everything goes into a temporary sibling folder that replaces `out_dir` only once complete, so an
     interrupted save leaves an existing checkpoint at `out_dir` as it was (a hard kill can leave the hidden
-    `.NAME.tmp-*` sibling behind). Everything else in an existing `out_dir` -- files and subfolders (tokenizer,
-    chat template, logs) -- is kept; only the weights and index of an earlier save there are replaced. A
-    symlinked `out_dir` is updated through the link.
+    `.NAME.tmp-*` sibling behind; the next save of `out_dir` on that host deletes it, see `staging_dir`).
+    Everything else in an existing `out_dir` -- files and subfolders (tokenizer, chat template, logs) -- is kept;
+    only the weights and index of an earlier save there are replaced. A symlinked `out_dir` is updated through
+    the link.
     """
     from safetensors.torch import save_file
 
@@ -490,7 +492,7 @@ def save_checkpoint(
         )
     limit = parse_size(max_shard_size)
     out_dir = prepare_out_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         groups = _shards(tensors, limit)
         weight_map = {}
@@ -529,6 +531,49 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A fresh hidden sibling of `out_dir` to write a save into: `.NAME.tmp-HOST-PID-XXXXXXXX`.
+
+    A save killed hard (OOM killer, preemption) cannot delete its staging folder, and one of a full checkpoint
+    is tens of GB. So each save first deletes the staging folders that earlier saves of `out_dir` left on this
+    host whose process has ended (the host and process id in the name tell; folders of live processes, of other
+    hosts sharing the filesystem, and of older versions without those fields are left alone). Only while
+    `out_dir` itself exists: a save killed between its two renames leaves `out_dir` missing and its new
+    contents in the staging folder, which is then kept for the user to recover.
+    """
+    host, pid = _host_tag(), os.getpid()
+    if out_dir.is_dir():
+        for stale in _stale_staging_dirs(out_dir, host):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{host}-{pid}-", dir=out_dir.parent))
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _stale_staging_dirs(out_dir: Path, host: str) -> list[Path]:
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.tmp-{re.escape(host)}-(\d+)-[A-Za-z0-9_]+$")
+    stale = []
+    for item in out_dir.parent.iterdir():
+        m = pattern.match(item.name)
+        if m and item.is_dir() and not item.is_symlink() and not _process_alive(int(m[1])):
+            stale.append(item)
+    return stale
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or a platform without signals: keep it
+        return True
+    return True
 
 
 # The files a save writes or makes stale: weights of an earlier save with another shard count, and its index.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -201,6 +202,61 @@ def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     after = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary folders left behind
+
+
+KILLED_SAVE = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, sys.argv[2])
+    import safetensors.torch as st
+    from test_checkpoint import Synth, write
+
+    original = st.save_file
+    calls = []
+
+    def killed(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            os._exit(9)  # no cleanup runs: what the OOM killer or a preemption leaves
+        return original(tensors, path, metadata=metadata)
+
+    st.save_file = killed
+    write(Synth(), sys.argv[1], shard_bytes=3000)
+    """
+)
+
+
+def test_a_hard_killed_save_is_cleaned_up_by_the_next_one(tmp_path):
+    old = random_synth()
+    write(old, tmp_path / "c", shard_bytes=3000)
+    here = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "c"), here], capture_output=True)
+    assert out.returncode == 9, out.stderr.decode()[-2000:]
+    left = [p.name for p in tmp_path.iterdir() if p.name != "c"]
+    assert len(left) == 1 and left[0].startswith(".c.tmp-"), left
+    assert torch.equal(load_meta(tmp_path / "c").embed.weight, old.embed.weight)  # the old checkpoint stands
+    # Staging folders that must survive: a live process's on this host (ours), another host's, an older
+    # version's (no host or process in the name), another checkpoint's.
+    host, alive = ckpt._host_tag(), os.getpid()
+    keep = [f".c.tmp-{host}-{alive}-abcd1234", ".c.tmp-otherhost-1-abcd1234", ".c.tmp-abcd1234",
+            f".d.tmp-{host}-{left[0].split('-')[-2]}-abcd1234"]
+    for name in keep:
+        (tmp_path / name).mkdir()
+    write(old, tmp_path / "c", shard_bytes=3000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", *keep])
+    assert torch.equal(load_meta(tmp_path / "c").embed.weight, old.embed.weight)
+
+
+def test_staging_folders_are_kept_while_the_checkpoint_folder_is_missing(tmp_path):
+    # a save killed between its two renames: out_dir is gone and the staging folder holds the new files
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".c.tmp-{ckpt._host_tag()}-{int(dead.stdout)}-abcd1234"
+    stale.mkdir()
+    staging = ckpt.staging_dir(tmp_path / "c")
+    assert stale.is_dir() and staging.name.startswith(f".c.tmp-{ckpt._host_tag()}-{os.getpid()}-")
+    (tmp_path / "c").mkdir()
+    ckpt.staging_dir(tmp_path / "c")
+    assert not stale.exists() and staging.is_dir()  # ours: this process is alive
 
 
 RSS_SCRIPT = textwrap.dedent(

@@ -11,7 +11,6 @@ folder (tokenizer, chat template, preprocessor config), and casts the new tensor
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from ..checkpoint import (
     is_weight_file,
     prepare_out_dir,
     refuse_adapters,
+    staging_dir,
 )
 from ..errors import CheckpointError
 
@@ -53,7 +53,7 @@ def merge_tensors(ours: dict[str, torch.Tensor], out_dir: str | Path, base: str 
             + (" ..." if len(missing) > 8 else "")
         )
     out_dir = prepare_out_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         for shard_path in sorted(set(files.values())):
             shard = load_file(str(shard_path))
