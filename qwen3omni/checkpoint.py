@@ -536,12 +536,13 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
 def staging_dir(out_dir: Path) -> Path:
     """A fresh hidden sibling of `out_dir` to write a save into: `.NAME.tmp-HOST-PID-XXXXXXXX`.
 
-    A save killed hard (OOM killer, preemption) cannot delete its staging folder, and one of a full checkpoint
-    is tens of GB. So each save first deletes the staging folders that earlier saves of `out_dir` left on this
-    host whose process has ended (the host and process id in the name tell; folders of live processes, of other
-    hosts sharing the filesystem, and of older versions without those fields are left alone). Only while
-    `out_dir` itself exists: a save killed between its two renames leaves `out_dir` missing and its new
-    contents in the staging folder, which is then kept for the user to recover.
+    A save killed hard (OOM killer, preemption) cannot delete its staging folder, nor, once it has swapped the
+    new folder in, the old one (`.NAME.old-HOST-PID-*`), and either holds a full checkpoint, tens of GB. So
+    each save first deletes the folders of both kinds that earlier saves of `out_dir` left on this host whose
+    process has ended (the host and process id in the name tell; folders of live processes, of other hosts
+    sharing the filesystem, and of older versions without those fields are left alone). Only while `out_dir`
+    itself exists: a save killed between its two renames leaves `out_dir` missing, the old contents in the
+    `.old-` folder and the new ones in the staging folder, all kept for the user to recover.
     """
     host, pid = _host_tag(), os.getpid()
     if out_dir.is_dir():
@@ -555,7 +556,7 @@ def _host_tag() -> str:
 
 
 def _stale_staging_dirs(out_dir: Path, host: str) -> list[Path]:
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.tmp-{re.escape(host)}-(\d+)-[A-Za-z0-9_]+$")
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(?:tmp|old)-{re.escape(host)}-(\d+)-[A-Za-z0-9_]+$")
     stale = []
     for item in out_dir.parent.iterdir():
         m = pattern.match(item.name)
@@ -634,7 +635,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_host_tag()}-{os.getpid()}-", dir=target.parent))
     backup.rmdir()
     os.replace(target, backup)
     try:

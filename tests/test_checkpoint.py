@@ -238,9 +238,10 @@ def test_a_hard_killed_save_is_cleaned_up_by_the_next_one(tmp_path):
     # Staging folders that must survive: a live process's on this host (ours), another host's, an older
     # version's (no host or process in the name), another checkpoint's.
     host, alive = ckpt._host_tag(), os.getpid()
+    dead = left[0].split("-")[-2]
     keep = [f".c.tmp-{host}-{alive}-abcd1234", ".c.tmp-otherhost-1-abcd1234", ".c.tmp-abcd1234",
-            f".d.tmp-{host}-{left[0].split('-')[-2]}-abcd1234"]
-    for name in keep:
+            f".d.tmp-{host}-{dead}-abcd1234", f".c.old-{host}-{alive}-abcd1234"]
+    for name in keep + [f".c.old-{host}-{dead}-abcd1234"]:  # the old folder a killed swap left: deleted
         (tmp_path / name).mkdir()
     write(old, tmp_path / "c", shard_bytes=3000)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", *keep])
