@@ -95,6 +95,37 @@ def test_one_bf16_row_matches_linear(bias):
     assert (F.linear(x, w.roll(1, 0), b).double() - exact).abs().max() > 0.5 * scale
 
 
+# ---- 2-8 rows in bf16: weight @ x.T ----------------------------------------------------------------------------
+def test_weight_major_choice():
+    from qwen3omni.modules.few_rows import uses_weight_major
+
+    w = torch.zeros(16, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = [uses_weight_major(torch.zeros(r, 8, dtype=torch.bfloat16), w) for r in (1, 2, 8, 9)]
+        assert got == [False, True, True, False]
+        assert uses_weight_major(torch.zeros(1, 2, 8, dtype=torch.bfloat16), w)  # rows over all leading dims
+        assert not uses_weight_major(torch.zeros(4, 8), w.float())  # float32: oneDNN's band, see above
+    assert not uses_weight_major(torch.zeros(4, 8, dtype=torch.bfloat16), w)  # gradients recorded
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 300), (1, 5, 300), (8, 300)])
+def test_few_bf16_rows_match_linear(shape, bias):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(*shape, generator=g).bfloat16()
+    w = torch.randn(500, 300, generator=g).bfloat16()
+    b = torch.randn(500, generator=g).bfloat16() if bias else None
+    with torch.no_grad():
+        got, want = few_row_linear(x, w, b), F.linear(x, w, b)
+        exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape == (*shape[:-1], 500) and got.is_contiguous()
+    scale = exact.abs().max()
+    assert (got.double() - exact).abs().max() <= 0.01 * scale
+    assert (got.double() - want.double()).abs().max() <= 0.01 * scale
+    # rows kept apart: each output row is its own input row's product (a transposed mix-up would not be)
+    assert (F.linear(x.flip(-2), w, b).double() - exact).abs().max() > 0.5 * scale
+
+
 def test_bf16_decode_step_uses_matvec_and_stays_close(tiny_model, monkeypatch):
     """A bf16 model's one-token step on CPU routes its dense projections through torch.mv, and its logits stay
     within bf16 rounding of the float32 model's."""
