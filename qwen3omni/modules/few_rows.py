@@ -55,15 +55,18 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `few_row_linear(x, weight)` takes the oneDNN kernel: fp32 CPU inference with 3-8 rows (the op
     has no autograd formula, so a call that records gradients stays on F.linear; nor does autocast know it, so
     calls under CPU autocast stay on F.linear too)."""
     if _ONEDNN_LINEAR is None or torch.compiler.is_compiling():  # inductor lowers the op only for weights
         return False  # it has frozen as graph constants; and `rows` may be symbolic there
-    rows = x.numel() // max(x.shape[-1], 1)
     return (
-        rows in FEW_ROWS
+        _rows(x) in FEW_ROWS
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_grad_enabled()
@@ -71,32 +74,26 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def uses_matvec(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `few_row_linear(x, weight)` takes `torch.mv`: one row, bf16, CPU, no gradient recorded, no CPU
-    autocast (which would choose the dtype itself)."""
+def _bf16_cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16 on CPU with no gradient recorded and no CPU autocast (which would choose the dtype itself)."""
     return (
-        x.numel() == x.shape[-1]
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.bfloat16
         and weight.dim() == 2
         and not torch.is_grad_enabled()
         and not _cpu_autocast()
     )
+
+
+def uses_matvec(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `few_row_linear(x, weight)` takes `torch.mv`: one bf16 row (see `_bf16_cpu_inference`)."""
+    return x.numel() == x.shape[-1] and _bf16_cpu_inference(x, weight)
 
 
 def uses_weight_major(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `few_row_linear(x, weight)` computes weight @ x.T: 2-8 rows in bf16 on CPU, no gradient recorded,
-    no CPU autocast, outside torch.compile (where `rows` may be symbolic and inductor picks its own kernel)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    return (
-        2 <= rows <= FEW_ROWS.stop - 1
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.bfloat16
-        and weight.dim() == 2
-        and not torch.is_grad_enabled()
-        and not _cpu_autocast()
-        and not torch.compiler.is_compiling()
-    )
+    """Whether `few_row_linear(x, weight)` computes weight @ x.T: 2-8 bf16 rows (see `_bf16_cpu_inference`),
+    outside torch.compile (where `rows` may be symbolic and inductor picks its own kernel)."""
+    return 2 <= _rows(x) < FEW_ROWS.stop and _bf16_cpu_inference(x, weight) and not torch.compiler.is_compiling()
 
 
 @torch.library.custom_op("qwen3omni::matvec", mutates_args=())
@@ -117,16 +114,15 @@ def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         # (the custom op's dispatch costs ~8 us a call, so eager calls go straight to torch.mv)
         mv = matvec if torch.compiler.is_compiling() else torch.mv
         y = mv(weight, x.reshape(-1))
-        y = y if bias is None else y.add_(bias)
-        return y.view(*x.shape[:-1], weight.shape[0])
-    if uses_weight_major(x, weight):
+    elif uses_weight_major(x, weight):
         y = (weight @ x.reshape(-1, x.shape[-1]).t()).t().contiguous()
-        y = y if bias is None else y.add_(bias)
-        return y.view(*x.shape[:-1], weight.shape[0])
-    if uses_onednn(x, weight):
+    elif uses_onednn(x, weight):
         # (the op reads the bias as contiguous memory: a strided one would give wrong values, silently)
         return _ONEDNN_LINEAR(x, weight, None if bias is None else bias.contiguous(), "none", [], "")
-    return F.linear(x, weight, bias)
+    else:
+        return F.linear(x, weight, bias)
+    y = y if bias is None else y.add_(bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class FewRowLinear(nn.Linear):
