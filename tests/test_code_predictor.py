@@ -240,6 +240,8 @@ def test_rejects_bad_input(tiny):
             tiny.talker.predict_residual(hidden, bad)
         assert err.match(says), err.value
     assert tiny.talker.predict_residual(hidden, torch.tensor([0, vocab - 1])).codes.shape == (2, 15)
+    with pytest.raises(InputError, match="layer0_ids_B: expected a 1-D"):  # shapes even without the value check
+        tiny.talker.predict_residual(hidden, layer0[:, None], check_ids=False)
 
 
 def test_config_mirrors_released_counts():

@@ -144,17 +144,18 @@ class Talker(nn.Module):
     ) -> PredictedFrame:
         """Run the code predictor for one frame: codes 1..G-1 and the summed embedding for the next step.
 
-        `layer0_ids_B` [B] holds one code 0 per row of `talker_hidden_BC`. `check_ids` checks them against the
-        codec vocabulary, one host read (a sync on a GPU, not allowed while capturing a CUDA graph): generation
-        loops, which feed back codes they sampled themselves, pass False."""
+        `layer0_ids_B` [B] holds one code 0 per row of `talker_hidden_BC` (always checked: metadata only).
+        `check_ids` also checks their values against the codec vocabulary, one host read (a sync on a GPU, not
+        allowed while capturing a CUDA graph): generation loops, which feed back codes they sampled themselves,
+        pass False."""
+        hidden = talker_hidden_BC
+        rows = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() else None
+        if not isinstance(layer0_ids_B, torch.Tensor) or layer0_ids_B.dim() != 1 or layer0_ids_B.shape[0] != rows:
+            raise InputError(
+                f"layer0_ids_B: expected a 1-D tensor of codec ids, one per row of talker_hidden_BC ({rows}), "
+                f"got {describe(layer0_ids_B)}"
+            )
         if check_ids:
-            hidden = talker_hidden_BC
-            rows = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() else None
-            if not isinstance(layer0_ids_B, torch.Tensor) or layer0_ids_B.dim() != 1 or layer0_ids_B.shape[0] != rows:
-                raise InputError(
-                    f"layer0_ids_B: expected a 1-D tensor of codec ids, one per row of talker_hidden_BC ({rows}), "
-                    f"got {describe(layer0_ids_B)}"
-                )
             self._check_ids("layer0_ids_B", layer0_ids_B, self.config.text.vocab_size)
         return self.code_predictor.predict(
             talker_hidden_BC, self.model.codec_embedding(layer0_ids_B), sampling, generator, cache, return_logits
