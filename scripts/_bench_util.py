@@ -151,7 +151,6 @@ def build_reference(cls_name: str, sub_config, seed: int = 0, prefix: str = "", 
     return model.eval()
 
 
-
 # The reference nests the thinker's parts one level deeper in memory than in its checkpoint (and ours).
 REFERENCE_RENAMES = (("model.language_model.", "model."), ("model.audio_tower.", "audio_tower."),
                      ("model.visual.", "visual."))
