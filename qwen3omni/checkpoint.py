@@ -566,13 +566,11 @@ def _stale_staging_dirs(out_dir: Path, host: str) -> list[Path]:
 
 
 def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):  # another user's process, or a platform without signals: keep it
+    except OSError:  # another user's process (PermissionError), or a platform without signals: keep its folder
         return True
     return True
 
