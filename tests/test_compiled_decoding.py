@@ -24,8 +24,10 @@ def test_compiled_decode_steps_equal_eager(tiny_model, monkeypatch, rows):
     eager = tiny_model.generate(**batch, **kw)
     calls = {"n": 0}
     real_compile = torch.compile
+    seen_options = []
 
     def spy_compile(fn, **options):
+        seen_options.append(options)
         compiled = real_compile(fn, **options)
 
         def counted(*args):
@@ -56,6 +58,9 @@ def test_compiled_decode_steps_equal_eager(tiny_model, monkeypatch, rows):
     least = (kw["max_new_tokens"] - 1) * layers["thinker"] + (frames - 1) * layers["talker"]
     least += frames * 15 * layers["predictor"]
     assert calls["n"] >= least
+    # CPU stacks compile with inductor's pass that fuses one-row products into the kernels around them
+    assert len(seen_options) == 3
+    assert all(o["options"]["post_grad_fusion_options"] == {"decompose_mm_pass": {}} for o in seen_options)
     assert torch.equal(compiled.sequences, eager.sequences)
     for a, b, wa, wb in zip(compiled.codes, eager.codes, compiled.audio, eager.audio):
         assert torch.equal(a, b)
@@ -113,3 +118,18 @@ def test_stacks_of_other_widths_compile_whole_layers(tiny_model):
     stacks[0].compile_decode_step()
     assert stacks[0]._layer_step is steps[0]
     stacks[0].compile_decode_step(False)
+
+
+def test_one_row_product_pass_leaves_the_callers_choices():
+    from qwen3omni.modules.decoder import with_one_row_products_fused as fused
+
+    added = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+    assert fused({}) == {"options": added}
+    # the caller's other inductor options are kept, the caller's own pass settings win
+    assert fused({"dynamic": True, "options": {"cpp_wrapper": True}}) == {
+        "dynamic": True, "options": {"cpp_wrapper": True, **added}}
+    mine = {"options": {"post_grad_fusion_options": {}}}
+    assert fused(mine) == mine
+    # torch.compile takes a mode or options, not both; other backends take no inductor options
+    for options in ({"mode": "max-autotune"}, {"backend": "eager"}, {"backend": "aot_eager", "dynamic": False}):
+        assert fused(options) == options

@@ -68,6 +68,25 @@ def _eager(q, k, v, mask, causal, scale):
     return torch.matmul(probs.to(q.dtype), v)
 
 
+def _one_query(q, k, v, mask, scale):
+    """Attention of one query per head as plain products and sums, which inductor fuses with the norms,
+    rotary and cache writes around them: inside a compiled CPU decode step this replaces SDPA's kernel call,
+    whose fixed cost (~50 us a call in a decode step here) outweighs the work for one query (measured:
+    compiled workload C ~8% faster per token). Query heads are grouped per key head (head h reads key head
+    h // groups, as `enable_gqa` does); products and sums run in float32, as SDPA's CPU kernel accumulates;
+    a query with no visible key outputs zeros, as SDPA does."""
+    B, H, _, D = q.shape
+    groups = H // k.shape[1]
+    q_BKGD = q.reshape(B, k.shape[1], groups, D)
+    scores = (q_BKGD.float().unsqueeze(3) * k.float().unsqueeze(2)).sum(-1) * scale  # [B, Hkv, groups, S]
+    if mask is not None:  # [B or 1, 1, 1, S]: broadcasts over key heads and groups
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return (probs.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2).to(v.dtype).reshape(B, H, 1, D)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,6 +105,9 @@ def attend(
     if backend == "flash" and mask is None and flash_usable(q):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants [B, T, H, D]
         return flash_attn_func(q, k, v, causal=causal, softmax_scale=scale).transpose(1, 2)
+    one_query_mask = mask is None or (mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1)
+    if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling() and one_query_mask:
+        return _one_query(q, k, v, mask, scale)
     if causal and q.shape[2] != k.shape[2]:
         # SDPA's is_causal aligns top-left; spell out the bottom-right mask for a query block after a cache.
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
