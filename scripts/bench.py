@@ -16,10 +16,12 @@ workload: the reference at the requested size, ours sharing its tensors (see _be
      decoder plus its LM head on the last position, i.e. the decoders alone)
   B  thinker greedy decode of 64 tokens after a 128-token prompt, same config, plus the decode roofline: bytes
      one step must read / the matrix-vector bandwidth measured here (best of 7 passes over a 1.5 GB matrix;
-     the fraction against the median pass is printed too)
+     the fraction against the median pass is printed too); then again with our opt-in compiled decode step
+     (`compile_decoding`: torch.compile'd layers over a static cache), against the same roofline
   C  thinker decode at 48 layers with small widths (hidden 256, 128 experts x 64, top-8, 4/2 heads); then again
-     with our opt-in compiled decode step (`compile_decoding`: torch.compile'd layers over a static cache)
-  D  one speech frame: the 15-step code predictor (5 layers, hidden 1024) + a talker step (2 layers, real widths)
+     with our compiled decode step
+  D  one speech frame: the 15-step code predictor (5 layers, hidden 1024) + a talker step (2 layers, real
+     widths); then again with our compiled decode steps
   E  Code2Wav at the real config: 100 frames offline; per-frame cost of the streaming decoder vs re-decoding
      25 frames of left context for each new frame (what a chunked streamer without state must do)
   F  peak resident memory while loading a multi-GB synthetic sharded checkpoint (bf16, 3.7 GB), ours vs the
@@ -225,28 +227,45 @@ def workload_b(args, sz):
     ours, ref = component_pair("thinker", cfg, args.seed, args.reference_experts, args.dtype, args.ours_dtype)
     ids = random_ids(1, sz["B_prompt"], args.seed + 1, text["vocab_size"])
     steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["B_new"])
-    bandwidth = U.matvec_bandwidth()
-    typical = U.matvec_bandwidth(median=True)
-    step_bytes = decode_bytes(ours, text, sz["B_prompt"] + sz["B_new"] // 2)
-    roofline_s = step_bytes / bandwidth
-    import statistics
-
-    extra = {}
+    roofline = {"bandwidth": U.matvec_bandwidth(), "typical": U.matvec_bandwidth(median=True),
+                "step_bytes": decode_bytes(ours, text, sz["B_prompt"] + sz["B_new"] // 2)}
     if args.ours_dtype != torch.float32:
         # A second roofline: the speed ATen's best bf16 matrix-vector kernel reads one large matrix at (on small
         # ones it is slower than float32's kernel per byte, see README).
-        kernel = U.matvec_bandwidth(args.ours_dtype)
-        extra = {"kernel_bandwidth_GBps": round(kernel / 1e9, 2),
-                 "fraction_of_kernel_roofline": round(step_bytes / kernel / statistics.median(steps_ours), 3)}
+        roofline["kernel"] = U.matvec_bandwidth(args.ours_dtype)
+    report_b("B thinker decode", args, sz, ref, ids, steps_ours, steps_ref, same, roofline)
+    if not args.no_compile:
+        compiled_line("B", lambda: workload_b_compiled(args, sz, ours, ref, ids, roofline), [ours.model])
+
+
+def workload_b_compiled(args, sz, ours, ref, ids, roofline):
+    """B again, with our opt-in compiled decode step (the warm-up compiles), against the same roofline."""
+    ours.model.compile_decode_step()
+    start = time.perf_counter()
+    decode_pair(ours, ref, ids, 2)[0]()
+    compile_s = time.perf_counter() - start
+    steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["B_new"])
+    report_b("B thinker decode, ours compiled", args, sz, ref, ids, steps_ours, steps_ref, same, roofline,
+             compile_seconds=round(compile_s, 1))
+
+
+def report_b(workload, args, sz, ref, ids, steps_ours, steps_ref, same, roofline, **extra):
+    import statistics
+
+    ours_s = statistics.median(steps_ours)
+    step_bytes, bandwidth, typical = roofline["step_bytes"], roofline["bandwidth"], roofline["typical"]
+    if "kernel" in roofline:
+        extra.update(kernel_bandwidth_GBps=round(roofline["kernel"] / 1e9, 2),
+                     fraction_of_kernel_roofline=round(step_bytes / roofline["kernel"] / ours_s, 3))
     U.report(
-        "B thinker decode", "s/token", steps_ours, steps_ref, prompt=ids.shape[1], new_tokens=sz["B_new"],
-        same_tokens=same, tokens_per_s=round(1 / statistics.median(steps_ours), 2),
+        workload, "s/token", steps_ours, steps_ref, prompt=ids.shape[1], new_tokens=sz["B_new"],
+        same_tokens=same, tokens_per_s=round(1 / ours_s, 2),
         reference_tokens_per_s=round(1 / statistics.median(steps_ref), 2),
         bandwidth_GBps=round(bandwidth / 1e9, 2), bytes_per_step_MB=round(step_bytes / 1e6, 1),
-        roofline_tokens_per_s=round(1 / roofline_s, 2),
-        fraction_of_roofline=round(roofline_s / statistics.median(steps_ours), 3),
+        roofline_tokens_per_s=round(bandwidth / step_bytes, 2),
+        fraction_of_roofline=round(step_bytes / bandwidth / ours_s, 3),
         median_bandwidth_GBps=round(typical / 1e9, 2),
-        fraction_of_median_bandwidth_roofline=round(step_bytes / typical / statistics.median(steps_ours), 3),
+        fraction_of_median_bandwidth_roofline=round(step_bytes / typical / ours_s, 3),
         reference_experts=experts_impl_of(ref), **extra,
     )
 
@@ -558,7 +577,7 @@ def main(argv=None):
     ap.add_argument("--reference-experts", default=None,
                     help="the reference's experts_implementation (default: its own default, grouped_mm)")
     ap.add_argument("--no-compile", action="store_true",
-                    help="skip the compiled lines of C and D (ours with compile_decoding)")
+                    help="skip the compiled lines of B, C and D (ours with compile_decoding)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and activations of both sides in A-E (F always loads bf16)")
     ap.add_argument("--ours-dtype", default=None, choices=["float32", "bfloat16"],

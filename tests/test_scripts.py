@@ -49,6 +49,17 @@ def test_bench_quick_speech_frame_matches_reference(scripts_path, capsys):
         assert line["ours"]["n"] == 1 and line["reference"]["n"] == 1 and line["ratio"] > 0
 
 
+def test_bench_quick_decode_eager_and_compiled_match_reference(scripts_path, capsys):
+    import bench
+
+    bench.main(["--quick", "-w", "B", "--repeats", "1", "--warmup", "0"])
+    eager, compiled = json_lines(capsys.readouterr().out)
+    assert compiled["workload"] == "B thinker decode, ours compiled" and "compile_seconds" in compiled
+    for line in (eager, compiled):
+        assert line["same_tokens"] is True
+        assert line["fraction_of_roofline"] > 0 and line["bytes_per_step_MB"] == eager["bytes_per_step_MB"]
+
+
 def test_bench_goes_on_when_compiling_fails(scripts_path, capsys, monkeypatch):
     import bench
 
