@@ -74,6 +74,9 @@ def test_compiled_attend_takes_the_one_query_form(monkeypatch):
     mask2 = mask.expand(1, 1, 2, S)
     assert max_rel_err(step(q2, k, v, mask2), sdpa(q2, k, v, mask2)) < 1e-5
     assert calls == [1]  # no second call: the 2-query block went to SDPA
+    additive = torch.zeros(1, 1, 1, S).masked_fill(~mask, float("-inf"))  # a float mask: SDPA's to handle
+    assert max_rel_err(step(q, k, v, additive), sdpa(q, k, v, mask)) < 1e-5
+    assert calls == [1]
     calls.clear()
     attend(q, k, v, mask=mask)  # eager calls keep SDPA's kernel
     assert calls == []

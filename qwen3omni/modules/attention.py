@@ -105,7 +105,8 @@ def attend(
     if backend == "flash" and mask is None and flash_usable(q):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants [B, T, H, D]
         return flash_attn_func(q, k, v, causal=causal, softmax_scale=scale).transpose(1, 2)
-    one_query_mask = mask is None or (mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1)
+    # a decoder's one-query mask: boolean [B or 1, 1, 1, S]
+    one_query_mask = mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1))
     if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling() and one_query_mask:
         return _one_query(q, k, v, mask, scale)
     if causal and q.shape[2] != k.shape[2]:
