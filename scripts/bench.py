@@ -19,9 +19,9 @@ workload: the reference at the requested size, ours sharing its tensors (see _be
      the fraction against the median pass is printed too); then again with our opt-in compiled decode step
      (`compile_decoding`: torch.compile'd layers over a static cache), against the same roofline
   C  thinker decode at 48 layers with small widths (hidden 256, 128 experts x 64, top-8, 4/2 heads); then again
-     with our compiled decode step
+     with our compiled decode step, and with it built ahead of time (`compile_decoding(ahead_of_time=True)`)
   D  one speech frame: the 15-step code predictor (5 layers, hidden 1024) + a talker step (2 layers, real
-     widths); then again with our compiled decode steps
+     widths); then again with our compiled decode steps, torch.compile'd and built ahead of time
   E  Code2Wav at the real config: 100 frames offline; per-frame cost of the streaming decoder vs re-decoding
      25 frames of left context for each new frame (what a chunked streamer without state must do)
   F  peak resident memory while loading a multi-GB synthetic sharded checkpoint (bf16, 3.7 GB), ours vs the
@@ -287,25 +287,40 @@ def workload_c(args, sz):
         reference_tokens_per_s=round(1 / statistics.median(steps_ref), 2), reference_experts=experts_impl_of(ref),
     )
     if not args.no_compile:
-        compiled_line("C", lambda: workload_c_compiled(args, ours, ref, ids, sz, vocab), [ours.model])
+        for aot in (False, True):
+            compiled_line("C", lambda aot=aot: workload_c_compiled(args, ours, ref, ids, sz, vocab, aot), [ours.model])
 
 
-def workload_c_compiled(args, ours, ref, ids, sz, vocab):
-    """C again, with our opt-in compiled decode step (`compile_decoding`; the warm-up compiles). The reference
-    is timed again alongside, interleaved as above."""
+def workload_c_compiled(args, ours, ref, ids, sz, vocab, ahead_of_time=False):
+    """C again, with our opt-in compiled decode step (`compile_decoding`, or `compile_decoding(ahead_of_time=
+    True)`; the warm-up compiles). The reference is timed again alongside, interleaved as above."""
     import statistics
 
-    ours.model.compile_decode_step()
+    ours.model.compile_decode_step(ahead_of_time=ahead_of_time)
     start = time.perf_counter()
     decode_pair(ours, ref, ids, 2)[0]()
     compile_s = time.perf_counter() - start
     steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["C_new"])
     U.report(
-        "C thinker decode, 48 small layers, ours compiled", "s/token", steps_ours, steps_ref, layers=sz["C_layers"],
+        "C thinker decode, 48 small layers, ours compiled" + AOT_TAG[ahead_of_time], "s/token", steps_ours, steps_ref,
+        layers=sz["C_layers"],
         vocab=vocab, new_tokens=sz["C_new"], same_tokens=same, compile_seconds=round(compile_s, 1),
         tokens_per_s=round(1 / statistics.median(steps_ours), 2),
         reference_tokens_per_s=round(1 / statistics.median(steps_ref), 2), reference_experts=experts_impl_of(ref),
+        **aot_fields([ours.model], ahead_of_time),
     )
+
+
+AOT_TAG = {False: "", True: " ahead of time"}  # the compiled lines' names
+
+
+def aot_fields(stacks, ahead_of_time: bool) -> dict:
+    """For an ahead-of-time line: whether every step it ran was built (a failed build falls back to the
+    torch.compile'd step with a warning, which would make the line measure that instead)."""
+    if not ahead_of_time:
+        return {}
+    runners = [r for stack in stacks for r in getattr(stack.compiled_step, "runners", {}).values()]
+    return {"aot_built": bool(runners) and all(r is not None for r in runners)}
 
 
 def compiled_line(workload: str, run, stacks) -> None:
@@ -406,13 +421,14 @@ def workload_d(args, sz):
              reference_experts=U.experts_implementation(ref))
     if not args.no_compile:
         stacks = (ours.model, ours.code_predictor.model)
-        compiled_line("D", lambda: workload_d_compiled(args, ours, ref, prompt, stacks), stacks)
+        for aot in (False, True):
+            compiled_line("D", lambda aot=aot: workload_d_compiled(args, ours, ref, prompt, stacks, aot), stacks)
 
 
-def workload_d_compiled(args, ours, ref, prompt, stacks):
+def workload_d_compiled(args, ours, ref, prompt, stacks, ahead_of_time=False):
     """D again, with our opt-in compiled decode steps (talker and code predictor, as `compile_decoding` sets)."""
     for stack in stacks:
-        stack.compile_decode_step()
+        stack.compile_decode_step(ahead_of_time=ahead_of_time)
     mine, theirs = OurFrames(ours, prompt.to(args.ours_dtype)), ReferenceFrames(ref, prompt.to(args.dtype))
     start = time.perf_counter()
     mine.step()
@@ -420,9 +436,9 @@ def workload_d_compiled(args, ours, ref, prompt, stacks):
     theirs.step()
     t_ours, t_ref = U.compare(mine.step, theirs.step, args.warmup, args.repeats)
     same = all(torch.equal(a, b) for a, b in zip(mine.codes, theirs.codes))
-    U.report("D speech frame, ours compiled", "s/frame", t_ours, t_ref, same_codes=same,
+    U.report("D speech frame, ours compiled" + AOT_TAG[ahead_of_time], "s/frame", t_ours, t_ref, same_codes=same,
              compile_seconds=round(compile_s, 1),
-             reference_experts=U.experts_implementation(ref))
+             reference_experts=U.experts_implementation(ref), **aot_fields(stacks, ahead_of_time))
 
 
 # ---- Code2Wav ------------------------------------------------------------------------------------------------------

@@ -42,9 +42,10 @@ def test_bench_quick_speech_frame_matches_reference(scripts_path, capsys):
     import bench
 
     bench.main(["--quick", "-w", "D", "--repeats", "1", "--warmup", "0"])
-    eager, compiled = json_lines(capsys.readouterr().out)
-    assert "compiled" in compiled["workload"]
-    for line in (eager, compiled):
+    eager, compiled, aot = json_lines(capsys.readouterr().out)
+    assert compiled["workload"] == "D speech frame, ours compiled"
+    assert aot["workload"] == "D speech frame, ours compiled ahead of time" and aot["aot_built"] is True
+    for line in (eager, compiled, aot):
         assert line["same_codes"] is True
         assert line["ours"]["n"] == 1 and line["reference"]["n"] == 1 and line["ratio"] > 0
 

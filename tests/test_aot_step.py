@@ -1,0 +1,114 @@
+"""`compile_decode_step(ahead_of_time=True)`: one-token decode steps run an AOTInductor build of the layer.
+
+It must give what the eager layers give (dense and MoE layers, router logits included), really run (its
+runner is counted), and hand a call to the torch.compile'd step whenever the layer is no longer what the build
+assumed: a hook registered, a parameter or submodule replaced. Building needs a C++ compiler, as inductor does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from qwen3omni.errors import InputError
+from qwen3omni.model.code_predictor import CodePredictorModel
+from qwen3omni.modules.aot_step import AheadOfTimeStep
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="inductor needs a C++ compiler on CPU")
+
+
+def count_runner_calls(step: AheadOfTimeStep) -> dict:
+    """Wrap the step's built runners so that their calls are counted."""
+    calls = {"n": 0}
+    for key, runner in list(step.runners.items()):
+        assert runner is not None, "the ahead-of-time build failed"
+
+        def counted(*args, _runner=runner):
+            calls["n"] += 1
+            return _runner(*args)
+
+        step.runners[key] = counted
+    return calls
+
+
+def decode(stack, steps: int, seed: int = 0):
+    """`steps` one-token steps after a 2-token first step, over a static cache; the outputs of every step."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = stack.norm.weight.shape[0]
+    cache = stack.new_cache(1, 8)
+    cache.set_static(True)
+    outs = []
+    with torch.no_grad():
+        x = torch.randn(1, 2, hidden, generator=g)
+        outs.append(stack(x, torch.arange(2).view(1, 1, 2), cache=cache).last_hidden_state)
+        for t in range(2, 2 + steps):
+            x = torch.randn(1, 1, hidden, generator=g)
+            outs.append(stack(x, torch.full((1, 1, 1), t), cache=cache).last_hidden_state)
+    return torch.cat(outs, dim=1)
+
+
+@pytest.fixture(scope="module")
+def dense_stack(tiny_model):
+    cfg = tiny_model.talker.code_predictor.config
+    torch.manual_seed(0)
+    return CodePredictorModel(dataclasses.replace(cfg)).eval()
+
+
+def test_dense_layers_equal_eager_and_fall_back_when_changed(dense_stack):
+    stack = dense_stack
+    eager = decode(stack, 3)
+    down = stack.layers[0].mlp.down_proj
+    old = down.weight
+    down.weight = torch.nn.Parameter(old.detach() * 2)
+    changed = decode(stack, 3)  # eager, with layer 0's down projection doubled
+    down.weight = old
+    assert not torch.allclose(changed, eager, rtol=1e-3, atol=1e-3)
+    stack.compile_decode_step(ahead_of_time=True)
+    try:
+        step = stack.compiled_step
+        assert isinstance(step, AheadOfTimeStep)
+        assert torch.allclose(decode(stack, 3), eager, rtol=1e-5, atol=1e-5)  # builds
+        calls = count_runner_calls(step)
+        assert torch.allclose(decode(stack, 3), eager, rtol=1e-5, atol=1e-5)
+        assert calls["n"] == 3 * len(stack.layers)  # every one-token step of every layer (not the first step)
+
+        # a forward hook registered after the build runs in every one-token step: that layer runs eagerly
+        # (the first, 2-token step is torch.compile's, which skips hooks registered after compiling)
+        seen = []
+        handle = stack.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+        calls["n"] = 0
+        assert torch.allclose(decode(stack, 3), eager, rtol=1e-5, atol=1e-5)
+        handle.remove()
+        assert seen == [(1, 1, stack.norm.weight.shape[0])] * 3
+        assert calls["n"] == 3 * (len(stack.layers) - 1)
+
+        # a parameter replaced after the build: the new weight is used
+        down.weight = torch.nn.Parameter(old.detach() * 2)
+        assert torch.allclose(decode(stack, 3), changed, rtol=1e-5, atol=1e-5)
+    finally:
+        down.weight = old
+        stack.compile_decode_step(False)
+
+
+def test_moe_thinker_generates_the_eager_tokens(tiny_model):
+    thinker = tiny_model.thinker
+    ids = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(3))
+    eager = thinker.generate(ids, max_new_tokens=5)
+    thinker.model.compile_decode_step(ahead_of_time=True)
+    try:
+        thinker.generate(ids, max_new_tokens=2)  # builds
+        calls = count_runner_calls(thinker.model.compiled_step)
+        aot = thinker.generate(ids, max_new_tokens=5)
+    finally:
+        thinker.model.compile_decode_step(False)
+    assert torch.equal(aot.sequences, eager.sequences)
+    assert calls["n"] >= 3 * len(thinker.model.layers)
+
+
+def test_ahead_of_time_is_a_flag(dense_stack):
+    with pytest.raises(InputError, match="ahead_of_time: expected True or False, got 'yes'"):
+        dense_stack.compile_decode_step(ahead_of_time="yes")
