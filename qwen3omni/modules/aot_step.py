@@ -9,8 +9,9 @@ workload C 22% faster per token, the same tokens).
 What dynamo's guards checked on every call, this step checks itself, cheaply: the layer must have no forward
 hooks (checked every call) and, once any module anywhere has been assigned a parameter or a submodule since
 the last look, still the submodules, parameter objects, training flags and plain attribute values it had when
-the step was built. A layer that fails the check runs eagerly, hooks included. A call the step was not built
-for (a first step of several tokens, no static cache, gradients recorded) runs the torch.compile'd step.
+the step was built. A layer that fails the check runs eagerly, hooks included (torch.compile'd steps run no
+forward hooks of a layer's modules). A call the step was not built for (a first step of several tokens, no
+static cache, gradients recorded) runs the torch.compile'd step.
 Settings changed without any assignment of a parameter or submodule afterwards (say `experts.dispatch`) are
 not looked at again: call `compile_decode_step` again after such a change. Parameters
 are inputs of the compiled library (not baked in), so one library serves every layer of a stack, and weights
@@ -122,14 +123,14 @@ class AheadOfTimeStep:
 
     def __call__(self, layer, x, rope, mask, kv):
         shape = self.shapes.get(id(layer))
+        if shape is not None and not shape.unchanged():
+            return layer(x, rope, mask, kv)  # eager, which runs hooks (torch.compile'd steps do not)
         applies = (
             x.shape[1] == 1 and kv is not None and kv.position is not None and mask is not None
             and mask.shape[-1] >= 2 and not torch.is_grad_enabled() and x.device.type == "cpu"
         )
-        if not applies:
+        if shape is None or not applies:
             return self.fallback(layer, x, rope, mask, kv)
-        if shape is None or not shape.unchanged():
-            return layer(x, rope, mask, kv)  # eager, which runs hooks (torch.compile'd steps skip later ones)
         key = (x.shape[0], mask.shape[0], x.dtype)
         if key not in self.runners:
             self.runners[key] = self._build(layer, x, rope, mask, kv, shape)

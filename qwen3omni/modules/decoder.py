@@ -116,10 +116,13 @@ class DecoderStack(nn.Module):
         `with_one_row_products_fused`). Two dynamo settings are raised process-wide (see the body): the
         recompile limit, and (for a stack on CPU) shape guards checked in C++.
 
+        Forward hooks on a layer's modules do not run inside torch.compile'd steps (checked: neither hooks
+        registered before compiling nor after); decode eagerly to use them, or with `ahead_of_time=True`.
+
         `ahead_of_time=True` (CPU stacks): one-token steps run an AOTInductor build of the layer instead, with
         no dynamo bookkeeping per call (~20% faster per token at small widths; ~20 s to build per batch size
-        and dtype, on first use). See `aot_step.AheadOfTimeStep` for what it checks on every call and when it
-        hands a call to the torch.compile'd step."""
+        and dtype, on first use). A layer with hooks runs eagerly. See `aot_step.AheadOfTimeStep` for what it
+        checks on every call and when it hands a call to the torch.compile'd step."""
         if not isinstance(ahead_of_time, bool):
             raise InputError(f"ahead_of_time: expected True or False, got {ahead_of_time!r}")
         if not enable:
