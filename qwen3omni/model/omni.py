@@ -74,7 +74,7 @@ class Qwen3Omni(nn.Module):
         step per stack, see `DecoderStack.compile_decode_step`). `generate` and `stream` then decode over static
         caches with those layers, inside their CUDA graphs on a GPU. Opt-in: the first call compiles (tens of
         seconds). `enable=False` goes back to eager layers. On a CPU, `ahead_of_time=True` runs one-token steps
-        through an AOTInductor build of each decoder's layer instead (no per-call dynamo overhead; ~20 s to
+        through an AOTInductor build of each decoder's layer instead (no per-call dynamo overhead; ~10 s to
         build per decoder, batch size and dtype; see `DecoderStack.compile_decode_step`)."""
         if not isinstance(enable, bool):  # "false" or 0 must not mean yes
             raise InputError(f"enable: expected True or False, got {describe(enable)}")

@@ -120,7 +120,7 @@ class DecoderStack(nn.Module):
         registered before compiling nor after); decode eagerly to use them, or with `ahead_of_time=True`.
 
         `ahead_of_time=True` (CPU stacks): one-token steps run an AOTInductor build of the layer instead, with
-        no dynamo bookkeeping per call (~20% faster per token at small widths; ~20 s to build per batch size
+        no dynamo bookkeeping per call (~20% faster per token at small widths; ~10 s to build per batch size
         and dtype, on first use). A layer with hooks runs eagerly. See `aot_step.AheadOfTimeStep` for what it
         checks on every call and when it hands a call to the torch.compile'd step."""
         if not isinstance(ahead_of_time, bool):
