@@ -122,7 +122,8 @@ class DecoderStack(nn.Module):
         `ahead_of_time=True` (CPU stacks): one-token steps run an AOTInductor build of the layer instead, with
         no dynamo bookkeeping per call (~20% faster per token at small widths; ~10 s to build per batch size
         and dtype, on first use). A layer with hooks runs eagerly. See `aot_step.AheadOfTimeStep` for what it
-        checks on every call and when it hands a call to the torch.compile'd step."""
+        checks on every call and when it hands a call to the torch.compile'd step; to notice assignments it
+        installs torch's process-wide parameter and module registration hooks (they count assignments)."""
         if not isinstance(ahead_of_time, bool):
             raise InputError(f"ahead_of_time: expected True or False, got {ahead_of_time!r}")
         if not enable:
