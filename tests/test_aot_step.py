@@ -95,18 +95,25 @@ def test_dense_layers_equal_eager_and_fall_back_when_changed(dense_stack):
 
 
 def test_moe_thinker_generates_the_eager_tokens(tiny_model):
+    """One row, then two (one left-padded: the masks differ per row, and a second build serves batch 2)."""
+    from test_graph_paths import prompt
+
     thinker = tiny_model.thinker
-    ids = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(3))
-    eager = thinker.generate(ids, max_new_tokens=5)
+    batches = [prompt(tiny_model, 1), prompt(tiny_model, 2)]
+    eager = [thinker.generate(**b, max_new_tokens=5) for b in batches]
     thinker.model.compile_decode_step(ahead_of_time=True)
     try:
-        thinker.generate(ids, max_new_tokens=2)  # builds
-        calls = count_runner_calls(thinker.model.compiled_step)
-        aot = thinker.generate(ids, max_new_tokens=5)
+        for b in batches:
+            thinker.generate(**b, max_new_tokens=2)  # builds
+        step = thinker.model.compiled_step
+        assert sorted(key[:2] for key in step.runners) == [(1, 1), (2, 2)]
+        calls = count_runner_calls(step)
+        aot = [thinker.generate(**b, max_new_tokens=5) for b in batches]
     finally:
         thinker.model.compile_decode_step(False)
-    assert torch.equal(aot.sequences, eager.sequences)
-    assert calls["n"] >= 3 * len(thinker.model.layers)
+    for a, e in zip(aot, eager):
+        assert torch.equal(a.sequences, e.sequences)
+    assert calls["n"] >= 2 * 3 * len(thinker.model.layers)
 
 
 def test_ahead_of_time_is_a_flag(dense_stack):
