@@ -116,6 +116,29 @@ def test_moe_thinker_generates_the_eager_tokens(tiny_model):
     assert calls["n"] >= 2 * 3 * len(thinker.model.layers)
 
 
+def test_speech_model_generates_the_eager_text_codes_and_audio(tiny_model):
+    """`compile_decoding(ahead_of_time=True)` on the whole model: the talker (MoE with a shared expert) and the
+    code predictor run their builds too, and generation gives what the eager loops give."""
+    from test_graph_paths import prompt
+
+    batch = prompt(tiny_model, 1)
+    kw = dict(max_new_tokens=6, talker_do_sample=False, talker_max_new_tokens=8)
+    eager = tiny_model.generate(**batch, **kw)
+    stacks = [tiny_model.thinker.model, tiny_model.talker.model, tiny_model.talker.code_predictor.model]
+    tiny_model.compile_decoding(ahead_of_time=True)
+    try:
+        tiny_model.generate(**batch, max_new_tokens=2, talker_do_sample=False, talker_max_new_tokens=3)  # builds
+        calls = [count_runner_calls(stack.compiled_step) for stack in stacks]
+        aot = tiny_model.generate(**batch, **kw)
+    finally:
+        tiny_model.compile_decoding(False)
+    assert all(c["n"] > 0 for c in calls), calls
+    assert torch.equal(aot.sequences, eager.sequences)
+    for a, b, wa, wb in zip(aot.codes, eager.codes, aot.audio, eager.audio):
+        assert torch.equal(a, b)
+        assert (wa - wb).abs().max() < 1e-4
+
+
 def test_ahead_of_time_is_a_flag(dense_stack):
     with pytest.raises(InputError, match="ahead_of_time: expected True or False, got 'yes'"):
         dense_stack.compile_decode_step(ahead_of_time="yes")
