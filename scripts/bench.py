@@ -303,9 +303,8 @@ def workload_c_compiled(args, ours, ref, ids, sz, vocab, ahead_of_time=False):
     steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["C_new"])
     U.report(
         "C thinker decode, 48 small layers, ours compiled" + AOT_TAG[ahead_of_time], "s/token", steps_ours, steps_ref,
-        layers=sz["C_layers"],
-        vocab=vocab, new_tokens=sz["C_new"], same_tokens=same, compile_seconds=round(compile_s, 1),
-        tokens_per_s=round(1 / statistics.median(steps_ours), 2),
+        layers=sz["C_layers"], vocab=vocab, new_tokens=sz["C_new"], same_tokens=same,
+        compile_seconds=round(compile_s, 1), tokens_per_s=round(1 / statistics.median(steps_ours), 2),
         reference_tokens_per_s=round(1 / statistics.median(steps_ref), 2), reference_experts=experts_impl_of(ref),
         **aot_fields([ours.model], ahead_of_time),
     )
