@@ -1,8 +1,8 @@
 """`compile_decode_step(ahead_of_time=True)`: one-token decode steps run an AOTInductor build of the layer.
 
 It must give what the eager layers give (dense and MoE layers, router logits included), really run (its
-runner is counted), and hand a call to the torch.compile'd step whenever the layer is no longer what the build
-assumed: a hook registered, a parameter or submodule replaced. Building needs a C++ compiler, as inductor does.
+runner is counted), and run a layer eagerly once it is no longer what the build assumed (a hook registered, a
+parameter or submodule replaced). Building needs a C++ compiler, as inductor does.
 """
 
 from __future__ import annotations
