@@ -114,7 +114,7 @@ class AheadOfTimeStep:
         self.inductor_options = dict(inductor_options or {})
         self.shapes = {id(layer): _LayerShape(layer) for layer in layers}
         self.runners: dict[tuple, object] = {}  # (batch, mask batch, dtype) -> runner, or None where building failed
-        self._dir = tempfile.TemporaryDirectory(prefix="qwen3omni-aot-")
+        self._dir = None  # where the builds go, made on the first one
 
     def __getstate__(self):  # the runners are native handles; a copy rebuilds them on use
         state = self.__dict__.copy()
