@@ -238,13 +238,19 @@ def workload_b(args, sz):
         compiled_line("B", lambda: workload_b_compiled(args, sz, ours, ref, ids, roofline), [ours.model])
 
 
-def workload_b_compiled(args, sz, ours, ref, ids, roofline):
-    """B again, with our opt-in compiled decode step (the warm-up compiles), against the same roofline."""
-    ours.model.compile_decode_step()
+def compiled_decode_bench(args, ours, ref, ids, new_tokens: int, ahead_of_time: bool = False):
+    """`decode_bench` with our opt-in compiled decode step: a first 2-token generation compiles (its time is
+    returned), then both sides are timed, interleaved as in `decode_bench`."""
+    ours.model.compile_decode_step(ahead_of_time=ahead_of_time)
     start = time.perf_counter()
     decode_pair(ours, ref, ids, 2)[0]()
     compile_s = time.perf_counter() - start
-    steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["B_new"])
+    return (*decode_bench(args, ours, ref, ids, new_tokens), compile_s)
+
+
+def workload_b_compiled(args, sz, ours, ref, ids, roofline):
+    """B again, with our opt-in compiled decode step, against the same roofline."""
+    steps_ours, steps_ref, same, compile_s = compiled_decode_bench(args, ours, ref, ids, sz["B_new"])
     report_b("B thinker decode, ours compiled", args, sz, ref, ids, steps_ours, steps_ref, same, roofline,
              compile_seconds=round(compile_s, 1))
 
@@ -293,14 +299,10 @@ def workload_c(args, sz):
 
 def workload_c_compiled(args, ours, ref, ids, sz, vocab, ahead_of_time=False):
     """C again, with our opt-in compiled decode step (`compile_decoding`, or `compile_decoding(ahead_of_time=
-    True)`; the warm-up compiles). The reference is timed again alongside, interleaved as above."""
+    True)`). The reference is timed again alongside."""
     import statistics
 
-    ours.model.compile_decode_step(ahead_of_time=ahead_of_time)
-    start = time.perf_counter()
-    decode_pair(ours, ref, ids, 2)[0]()
-    compile_s = time.perf_counter() - start
-    steps_ours, steps_ref, same = decode_bench(args, ours, ref, ids, sz["C_new"])
+    steps_ours, steps_ref, same, compile_s = compiled_decode_bench(args, ours, ref, ids, sz["C_new"], ahead_of_time)
     U.report(
         "C thinker decode, 48 small layers, ours compiled" + AOT_TAG[ahead_of_time], "s/token", steps_ours, steps_ref,
         layers=sz["C_layers"], vocab=vocab, new_tokens=sz["C_new"], same_tokens=same,
