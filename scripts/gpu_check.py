@@ -346,6 +346,8 @@ def section_compiled_pass(model, cfg, args, dev: Device, budget: Budget) -> None
         section_first_audio_stream(model, cfg, args, dev)
         if args.profile_stream:
             section_profile_stream(model, cfg, args, dev)
+        if args.experiments:
+            section_experiments(model, cfg, args, dev, budget)
     finally:
         PASS["tag"] = ""
 
@@ -400,6 +402,102 @@ def section_profile_stream(model, cfg, args, dev: Device) -> None:
     for e in keep:
         say("stream profile", op=e.key[:60], calls=e.count, cpu_total_ms=round(e.cpu_time_total / 1e3, 2),
             cpu_self_ms=round(e.self_cpu_time_total / 1e3, 2))
+
+
+# ---- experiments: where a frame's time goes, and compile variants -------------------------------------------------
+def kernel_profile(fn, dev: Device, repeats: int, label: str) -> None:
+    """GPU kernels of `repeats` calls of `fn` (CUDA graph replays included): count and time per call, and the
+    kernels that take the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    dev.sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        dev.sync()
+        wall = (time.perf_counter() - start) / repeats
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in kernels) / repeats
+    count = sum(e.count for e in kernels) / repeats
+    say("profile", what=label, wall_ms=round(wall * 1e3, 3), gpu_kernel_ms=round(total / 1e3, 3),
+        kernels_per_call=round(count, 1), us_per_kernel=round(total / max(count, 1), 2))
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
+        say("profile", what=label, kernel=e.key[:90], per_call=round(e.count / repeats, 1),
+            us_per_call=round(e.self_device_time_total / repeats, 1))
+
+
+def frame_and_decode(model, cfg, dev: Device, label: str) -> None:
+    """Talker step + code predictor per frame (one CUDA graph) and a thinker decode step (CUDA graph)."""
+    loop = SpeechLoop(model, dev, prompt_len=40, frames=80)
+    loop.prefill()
+    for _ in range(2):
+        loop.frame()
+    replay = Replay(loop.frame, dev, name="speech frame")
+    times = []
+    for _ in range(40):
+        times.append(dev.clock(replay))
+        if replay.graph is not None:
+            loop.cache.advance(1, on_device=False)
+    frame_ms = statistics.median(times[1:]) * 1e3
+    dec = GraphDecoder(model.thinker, random_ids(40, 12, dev.device), 72, dev)
+    step_replay = dec.capture()
+    seconds, tokens = dec.run(step_replay, 60)
+    say("experiment", variant=label, frame_ms=round(frame_ms, 3), thinker_ms_per_token=round(seconds * 1e3 / 60, 3),
+        thinker_tokens_head=tokens[:6].tolist())
+    return loop, replay
+
+
+def section_experiments(model, cfg, args, dev: Device, budget: Budget) -> None:
+    """Kernel profiles of a speech frame and of Code2Wav pushes, then compile variants measured side by side:
+    the one-query attention form (`attention._one_query`, used by compiled CPU steps) on CUDA, and inductor's
+    pass that writes one-row products as fused reductions. Restores the default compilation at the end."""
+    from qwen3omni.generation.graphs import GraphedStreamingDecoder
+    from qwen3omni.modules import attention
+
+    loop, replay = frame_and_decode(model, cfg, dev, "default compile_decoding()")
+    kernel_profile(replay, dev, 10, "speech frame (graph replay)")
+    codes = torch.randint(0, model.config.code2wav.codebook_size, (1, model.config.code2wav.num_quantizers, 96),
+                          generator=torch.Generator().manual_seed(2)).to(dev.device)
+    with torch.no_grad():
+        for graphed in (False, True):
+            dec = GraphedStreamingDecoder(model.code2wav) if graphed else model.code2wav.streaming_decoder()
+            dec.push(codes[..., :8])
+            position = [8]
+
+            def push(d=dec, p=position):
+                d.push(codes[..., p[0] : p[0] + 8])
+                p[0] = 8 + (p[0] % 80)
+
+            kernel_profile(push, dev, 4, f"code2wav 8-frame push ({'cuda graphs' if graphed else 'eager'})")
+    variants = [
+        ("one-query attention on cuda", {"cuda"}, {}),
+        ("one-query attention + one-row products fused", {"cuda"},
+         {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}}),
+    ]
+    try:
+        for label, devices, options in variants:
+            if budget.left() < 90:
+                say("experiment", variant=label, skipped="budget")
+                continue
+            attention.ONE_QUERY_DEVICES = {"cpu"} | devices
+            torch._dynamo.reset()
+            t = time.perf_counter()
+            model.compile_decoding(**options)
+            with torch.no_grad():
+                model.generate(input_ids=chat_prompt(cfg, 4, 9, dev.device), max_new_tokens=3, do_sample=False,
+                               talker_do_sample=False, talker_max_new_tokens=3)
+            say("experiment", variant=label, compile_seconds=round(time.perf_counter() - t, 1))
+            try:
+                _, frame_replay = frame_and_decode(model, cfg, dev, label)
+                kernel_profile(frame_replay, dev, 10, f"speech frame (graph replay), {label}")
+            except Exception as e:  # noqa: BLE001
+                say("experiment", variant=label, error=f"{type(e).__name__}: {str(e)[:400]}")
+    finally:
+        attention.ONE_QUERY_DEVICES = {"cpu"}
+        torch._dynamo.reset()
+        model.compile_decoding()
 
 
 # ---- 2. prefill ----------------------------------------------------------------------------------------------------
@@ -586,21 +684,46 @@ def section_rtf(model, args, dev: Device, budget: Budget) -> None:
     # at the price of that many frames of extra latency after the first push.
     stream = torch.stack(codes, dim=-1).clamp(0, model.config.code2wav.codebook_size - 1)  # [1, 16, F]
     rtf = {}
-    for chunk in (1, 2, 4, 8):
-        decoder = model.code2wav.streaming_decoder()
-        warm = min(72, stream.shape[-1] - 2 * chunk)
-        if warm < 1:
-            break
-        with torch.no_grad():
-            decoder.push(stream[..., :warm])
-            starts = range(warm, stream.shape[-1] - chunk + 1, chunk)
-            pushes = [dev.clock(lambda t=t, d=decoder, c=chunk: d.push(stream[..., t : t + c])) for t in starts][:12]
-        per_frame = statistics.median(pushes) * 1e3 / chunk
-        rtf[chunk] = round((frame_ms + per_frame) / 80.0, 4)
-        say("speech", code2wav_push_frames=chunk, code2wav_ms_per_frame=round(per_frame, 2),
-            real_time_factor=rtf[chunk], note="(talker+predictor per frame + code2wav per frame) / 80 ms")
+    for graphed in (False, True):
+        for chunk in (1, 2, 4, 8):
+            timed = code2wav_pushes(model, stream, chunk, dev, graphed)
+            if timed is None:
+                break
+            per_frame, diff = timed
+            key = f"{chunk}_graphs" if graphed else chunk
+            rtf[key] = round((frame_ms + per_frame) / 80.0, 4)
+            say("speech", code2wav_push_frames=chunk, code2wav_pushes="cuda graphs" if graphed else "eager",
+                code2wav_ms_per_frame=round(per_frame, 2), real_time_factor=rtf[key],
+                max_abs_diff_to_eager=diff, note="(talker+predictor per frame + code2wav per frame) / 80 ms")
     record("speech_real_time_factor", rtf)
     record("speech_frame_ms", {"talker_and_predictor": frame_ms, "mode": replay.note})
+
+
+def code2wav_pushes(model, stream: torch.Tensor, chunk: int, dev: Device, graphed: bool):
+    """Code2Wav's incremental decoder pushed `chunk` frames at a time after a warm stream (its attention window
+    and conv histories full): (median ms per frame, max |samples - eager samples|) or None if too short.
+    `graphed`: through `GraphedStreamingDecoder` (what `stream` uses on CUDA), whose second push of a size
+    captures it; the timed pushes are the replays after that."""
+    from qwen3omni.generation.graphs import GraphedStreamingDecoder
+
+    warm = min(72, stream.shape[-1] - 8 * chunk)  # (a push costs the same whether the window is full or not)
+    if warm < 1:
+        return None
+    plain = model.code2wav.streaming_decoder()
+    decoder = GraphedStreamingDecoder(model.code2wav) if graphed else plain
+    starts = list(range(warm, stream.shape[-1] - chunk + 1, chunk))[:14]
+    with torch.no_grad():
+        decoder.push(stream[..., :warm])
+        times, out = [], []
+        for t in starts:
+            times.append(dev.clock(lambda t=t: out.append(decoder.push(stream[..., t : t + chunk]))))
+        diff = None
+        if graphed:
+            plain.push(stream[..., :warm])
+            want = torch.cat([plain.push(stream[..., t : t + chunk]) for t in starts], -1)
+            diff = float((torch.cat(out, -1).float() - want.float()).abs().max())
+    times = times[2:] if graphed else times  # graphed: the first push of the size runs eagerly, the second captures
+    return statistics.median(times) * 1e3 / chunk, diff
 
 
 # ---- 6. the reference ------------------------------------------------------------------------------------------------
@@ -720,6 +843,8 @@ def main(argv=None):
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--compiled-only", action="store_true", help="with --compile: skip the first pass's sections")
     ap.add_argument("--profile-stream", action="store_true", help="in the compiled pass, profile one stream call")
+    ap.add_argument("--experiments", action="store_true", help="in the compiled pass: kernel profiles of a speech "
+                    "frame and of Code2Wav pushes, and compile variants side by side")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.decode_tokens, args.prefill_tokens, args.speech_frames = 12, 64, 6

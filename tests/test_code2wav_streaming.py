@@ -2,8 +2,8 @@
 
 Exactness is checked against both our offline forward and the transformers reference, on streams longer than
 the attention window (so keys are evicted) and with pieces of every size, including empty ones. The cost per
-frame not growing with the stream is checked structurally: the carried state stops growing once the window
-is full (no timing assertions).
+frame not growing with the stream is checked structurally: the carried state has one fixed size and fixed
+addresses from the first push on (no timing assertions), which is also what CUDA graph replays need.
 """
 
 from __future__ import annotations
@@ -56,15 +56,16 @@ def stream(model, codes, pieces):
 
 @pytest.fixture(scope="module")
 def frame_by_frame(setup):
-    """The stream pushed one frame at a time: the outputs, and the carried state's size after each push."""
+    """The stream pushed one frame at a time: the outputs, and the carried state's size and addresses after
+    each push."""
     ours, codes, _, _ = setup
     dec = ours.streaming_decoder()
-    out, sizes, cached = [], [], []
+    out, sizes, addresses = [], [], []
     for t in range(FRAMES):
         out.append(dec.push(codes[..., t : t + 1]))
         sizes.append(dec.state_numel())
-        cached.append(dec.cache.cached)
-    return dec, out, sizes, cached, (dec.frames, dec.emitted)
+        addresses.append([s.data_ptr() for s in dec.state_tensors()])
+    return dec, out, sizes, addresses, (dec.frames, dec.emitted)
 
 
 @pytest.mark.parametrize("pieces", [[1], [5], [17], [3, 0, 1, 40, 2, 71, 13]], ids=["1", "5", "17", "mixed"])
@@ -120,29 +121,39 @@ def test_flush_releases_nothing_forward_would_keep(setup):
         assert float((head - ours(codes[..., :9])[:, 0]).abs().max()) < WAVE_TOL
 
 
-def test_state_stops_growing(setup, frame_by_frame):
-    """The carried state (window keys/values, conv histories, transposed-conv inputs) is bounded."""
+def test_state_is_fixed_from_the_first_push(setup, frame_by_frame):
+    """The carried state (window keys/values, conv histories, transposed-conv inputs) has one size and stays
+    at the same addresses (updated in place), whatever the stream's length and the pushes' sizes."""
     ours, codes, _, _ = setup
-    dec, _, sizes, cached, _ = frame_by_frame
+    dec, _, sizes, addresses, _ = frame_by_frame
     window = ours.config.sliding_window
-    assert cached == [min(t + 1, window - 1) for t in range(FRAMES)]
-    assert len(set(sizes[window:])) == 1, "state keeps growing after the window is full"
-    assert sizes[window] > sizes[0]  # and it did grow while the window filled
-    # a long push does not leave a larger state behind
+    layers = ours.config.num_hidden_layers
+    kv = 2 * layers * 2 * ours.config.num_key_value_heads * (window - 1) * ours.config.head_dim
+    assert len(set(sizes)) == 1 and sizes[0] > kv  # the window's keys/values plus the conv histories
+    assert all(a == addresses[0] for a in addresses), "a push moved the state"
+    assert dec.steady and int(dec.cache.position) == FRAMES
+    # a long push does not leave a larger state behind, nor move it
     dec.push(codes[..., :50])
     assert dec.state_numel() == sizes[-1]
+    assert [s.data_ptr() for s in dec.state_tensors()] == addresses[0]
 
 
 def test_flush_resets_for_a_new_stream(setup):
     ours, codes, _, offline = setup
     dec = ours.streaming_decoder()
+    assert not dec.steady
     dec.push(codes[..., :7])
+    assert dec.steady
     dec.flush()
-    assert dec.frames == 0 and dec.state_numel() == 0
+    assert dec.frames == 0 and not dec.steady and int(dec.cache.position) == 0
+    assert all(not s.any() for s in dec.state_tensors())  # zeroed in place, kept for the next stream
     again = torch.cat([dec.push(codes[..., :20]), dec.flush()], -1)
     with torch.no_grad():
         assert float((again - ours(codes[..., :20])[:, 0]).abs().max()) < WAVE_TOL
     assert dec.flush().shape == (0, 0)  # nothing pushed since: no batch known
+    # a new stream of another batch size gets buffers of its size
+    one = torch.cat([dec.push(codes[:1, :, :20]), dec.flush()], -1)
+    assert float((one - again[:1]).abs().max()) < WAVE_TOL
 
 
 def test_push_validates_codes(setup):
@@ -222,3 +233,55 @@ def test_frame_pushes_take_the_few_row_kernel(setup, monkeypatch):
     wav, _, _ = stream(ours, codes[..., :20], [1])
     assert calls
     assert float((wav - offline[:, : wav.shape[-1]]).abs().max()) < WAVE_TOL
+
+
+# ---- pushes replayed from CUDA graphs (the bookkeeping, run eagerly on CPU) -------------------------------------
+def test_graphed_decoder_replays_steady_pushes_exactly(setup, monkeypatch):
+    """`GraphedStreamingDecoder` (what `stream` uses on CUDA) builds a replay for a push size on its second
+    use, after a warm-up run whose effect it must undo, and keeps it across streams. On CPU the replay runs
+    the decode eagerly over the same fixed buffers, so any state the undo misses shows in the samples."""
+    from qwen3omni.generation import graphs
+
+    ours, codes, want, _ = setup
+    built = []
+    real_replay = graphs._PushReplay
+
+    def counting(*args, **kwargs):
+        built.append(args[1].shape[-1])
+        return real_replay(*args, **kwargs)
+
+    monkeypatch.setattr(graphs, "_PushReplay", counting)
+    dec = graphs.GraphedStreamingDecoder(ours)
+    pieces = [1, 2, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 3]  # 130 frames, as `stream` pushes them
+    for round_ in range(2):
+        out, start = [], 0
+        for size in pieces:
+            out.append(dec.push(codes[..., start : start + size]))
+            start += size
+        assert dec.frames == FRAMES
+        out.append(dec.flush())
+        wav = torch.cat(out, dim=-1)
+        assert float((wav - want).abs().max()) < WAVE_TOL, round_
+    # sizes 2, 4 and 3 come once per stream: built in the second stream; 8 in the first
+    assert sorted(built) == [2, 3, 4, 8]
+    assert set(dec.replays) == {(2, 2), (2, 3), (2, 4), (2, 8)}
+    # a weight changed in place between streams drops the replays (a captured graph would read stale copies)
+    with torch.no_grad():
+        ours.decoder[1].block[1].conv.weight.mul_(1.0)
+    dec.push(codes[..., :1])
+    assert not dec.replays
+    dec.flush()
+
+
+def test_stream_lease_shares_the_graphed_decoder_one_stream_at_a_time(setup):
+    from qwen3omni.generation import graphs
+
+    ours, _, _, _ = setup
+    with graphs.streaming_decoder(ours, True) as first:
+        with graphs.streaming_decoder(ours, True) as second:
+            assert isinstance(first, graphs.GraphedStreamingDecoder)
+            assert not isinstance(second, graphs.GraphedStreamingDecoder)  # held by the first stream
+    with graphs.streaming_decoder(ours, True) as again:
+        assert again is first
+    with graphs.streaming_decoder(ours, False) as plain:
+        assert not isinstance(plain, graphs.GraphedStreamingDecoder)

@@ -12,6 +12,7 @@ tests exercise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -158,3 +159,127 @@ def predictor_runner(predictor, batch: int, dtype, device, capture: bool = True)
     if key not in runners:
         runners[key] = PredictorRunner(predictor, batch, dtype, device, capture)
     return runners[key]
+
+
+# ---- Code2Wav's streaming pushes ----------------------------------------------------------------------------------
+class _PushReplay:
+    """One push size's decode, captured on CUDA (over fixed input and state buffers) or run eagerly."""
+
+    def __init__(self, decoder, codes: torch.Tensor, capture: bool, pool=None):
+        self.decoder, self.inputs, self.outputs, self.graph = decoder, codes.clone(), None, None
+        state = decoder.state_tensors()
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream() if capture else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            decoder.decode(self.inputs)  # warm-up: lazy initialisations must not happen in capture
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(state, saved):  # the warm-up advanced the stream: undo it
+            t.copy_(s)
+        if capture:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.outputs = decoder.decode(self.inputs)
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        self.inputs.copy_(codes)
+        if self.graph is None:
+            return self.decoder.decode(self.inputs)
+        self.graph.replay()
+        return self.outputs.clone()  # the next replay overwrites `outputs`
+
+
+class GraphedStreamingDecoder:
+    """Code2Wav's `StreamingDecoder` whose pushes are replayed from CUDA graphs, one per push size and batch.
+
+    A push is hundreds of small kernels (the 8-layer window transformer, ~40 convolutions and their
+    activations); launched one by one they cost more than the work. After a stream's first push every push of
+    n frames reads and writes the same addresses (`StreamingDecoder.steady`), so it can be captured. A size is
+    captured the second time it is pushed (a one-off size, such as a stream's last push, runs eagerly), after a
+    warm-up run whose effect on the stream is undone. The graphs are kept for later streams: `flush()` resets
+    the state in place. They are dropped when any Code2Wav parameter or buffer was replaced or changed in
+    place, which is checked at each stream's first push (not within a stream). Same `push` / `flush` contract
+    and outputs as `StreamingDecoder`; `capture=False` runs the same bookkeeping eagerly (what the CPU tests
+    check).
+    """
+
+    def __init__(self, code2wav, capture: bool = True):
+        self.code2wav = code2wav
+        self.capture = capture and code2wav.code_embedding.weight.is_cuda
+        self.inner = code2wav.streaming_decoder()
+        self.replays: dict[tuple[int, int], _PushReplay] = {}
+        self.seen: dict[tuple[int, int], int] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.weights: tuple = ()
+        self.addresses: list[int] = []
+
+    @property
+    def frames(self) -> int:
+        return self.inner.frames
+
+    @property
+    def emitted(self) -> int:
+        return self.inner.emitted
+
+    def _fingerprint(self) -> tuple:
+        tensors = (*self.code2wav.parameters(), *self.code2wav.buffers())
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+    def _forget_if_changed(self) -> None:
+        weights, addresses = self._fingerprint(), [t.data_ptr() for t in self.inner.state_tensors()]
+        if weights != self.weights or addresses != self.addresses:
+            self.replays.clear()
+            self.seen.clear()
+            self.weights, self.addresses = weights, addresses
+
+    @torch.no_grad()
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        inner = self.inner
+        if codes.shape[-1] == 0 or not inner.steady:
+            samples = inner.push(codes)
+            if inner.steady:  # the stream's first push: its state now exists at its final addresses
+                self._forget_if_changed()
+            return samples
+        inner.check(codes)
+        key = (codes.shape[0], codes.shape[-1])
+        replay = self.replays.get(key)
+        if replay is None:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] < 2:
+                return inner.record(codes.shape[-1], inner.decode(codes))
+            replay = self.replays[key] = _PushReplay(inner, codes, self.capture, self.pool)
+        return inner.record(codes.shape[-1], replay(codes))
+
+    def flush(self) -> torch.Tensor:
+        return self.inner.flush()
+
+
+def streaming_decoder(code2wav, graphs: bool):
+    """A context manager giving one stream its Code2Wav decoder: with `graphs`, the model's
+    `GraphedStreamingDecoder` (kept on the module, so later streams replay its graphs) unless another stream
+    holds it; otherwise a plain `StreamingDecoder`. The decoder is flushed when the stream ends."""
+    return _DecoderLease(code2wav, graphs)
+
+
+class _DecoderLease:
+    def __init__(self, code2wav, graphs: bool):
+        self.code2wav, self.graphs, self.shared = code2wav, graphs, False
+
+    def __enter__(self):
+        state = self.code2wav.__dict__
+        if self.graphs and not state.get("_graphed_decoder_busy"):
+            if "_graphed_decoder" not in state:
+                state["_graphed_decoder"] = GraphedStreamingDecoder(self.code2wav)
+            state["_graphed_decoder_busy"] = self.shared = True
+            self.decoder = state["_graphed_decoder"]
+            self.decoder.flush()  # a stream abandoned mid-way may have left state behind
+        else:
+            self.decoder = self.code2wav.streaming_decoder()
+        return self.decoder
+
+    def __exit__(self, *exc):
+        if self.shared:
+            self.code2wav.__dict__["_graphed_decoder_busy"] = False
+        return False

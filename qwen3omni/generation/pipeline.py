@@ -18,6 +18,7 @@ from ..errors import InputError, describe, expect_int
 from ..model.code_predictor import predictor_sampling
 from ..model.placement import device_of
 from ..model.thinker import check_token_ids
+from .graphs import graphs_wanted, streaming_decoder
 from .sampling import SamplingConfig
 from .speech import SpeechSettings, talker_frames
 from .talker_input import check_speech_prompt, project_text, speaker_id, talker_prompt, trailing_text
@@ -257,32 +258,33 @@ def _stream_speech(model, plan: Plan, input_ids, attention_mask, first, accept_h
             return markers.pad[None]
         return project_text(model, answer[g + 1])
 
-    decoder = model.code2wav.streaming_decoder()
     device = device_of(model.code2wav)
     held: list[torch.Tensor] = []  # frames not yet vocoded
     chunk = 1  # frames in the next push: 1, 2, 4, ... up to chunk_frames
+    # On CUDA the model's graphed decoder: from a stream's second push on, pushes replay CUDA graphs.
+    with streaming_decoder(model.code2wav, graphs_wanted(device, plan.cuda_graphs)) as decoder:
 
-    def vocode() -> Iterator[StreamEvent]:
-        samples = decoder.push(torch.stack(held, dim=-1).to(device))
-        held.clear()
-        if samples.numel():
-            yield StreamEvent("audio", samples.reshape(-1).float().cpu())
+        def vocode() -> Iterator[StreamEvent]:
+            samples = decoder.push(torch.stack(held, dim=-1).to(device))
+            held.clear()
+            if samples.numel():
+                yield StreamEvent("audio", samples.reshape(-1).float().cpu())
 
-    for codes, _ in talker_frames(model, prompt, text_for_step, plan.speech, plan.media):
-        held.append(codes)
-        if len(held) >= chunk:
-            chunk = min(2 * chunk, chunk_frames)
-            yield from vocode()  # audio first: it is what a listener waits for
-        if not finished[0]:
-            pull_token()  # keep the text ahead of the speech: one more answer token per frame
+        for codes, _ in talker_frames(model, prompt, text_for_step, plan.speech, plan.media):
+            held.append(codes)
+            if len(held) >= chunk:
+                chunk = min(2 * chunk, chunk_frames)
+                yield from vocode()  # audio first: it is what a listener waits for
+            if not finished[0]:
+                pull_token()  # keep the text ahead of the speech: one more answer token per frame
+            for token in pending_text:
+                yield StreamEvent("text", token.cpu())
+            pending_text.clear()
         for token in pending_text:
             yield StreamEvent("text", token.cpu())
-        pending_text.clear()
-    for token in pending_text:
-        yield StreamEvent("text", token.cpu())
-    if held:
-        yield from vocode()
-    tail = decoder.flush()
+        if held:
+            yield from vocode()
+        tail = decoder.flush()
     if tail is not None and tail.numel():
         yield StreamEvent("audio", tail.reshape(-1).float().cpu())
     while not finished[0]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import Code2WavConfig
 from ..errors import InputError, describe
-from ..modules.attention import Attention, decoder_mask, set_attention_backend
+from ..modules.attention import Attention, decoder_mask, position_mask, set_attention_backend
 from ..modules.causal_conv import (
     CausalConv1d,
     CausalConvTranspose1d,
@@ -68,36 +68,44 @@ class Code2WavLayer(nn.Module):
 
 
 class SlidingKVCache:
-    """Per layer, the keys/values of the last `keep` frames: all that a sliding-window query can still see.
+    """Per layer, the keys/values of the last `keep` frames, in buffers of a fixed size.
 
-    `update` returns the kept keys followed by the new ones and then forgets all but the last `keep`, so the
-    cache never grows past `keep` frames however long the stream is (keys carry their rotary positions
-    already, so nothing about them changes as the window slides).
+    `update` returns the kept keys followed by the new ones, then copies the last `keep` of those into the
+    buffers in place. The buffers start as zeros standing for frames before the stream's start, which the
+    mask hides (`Code2WavTransformer.forward`), and the absolute position of the next frame is a device
+    tensor: so every push of n frames runs the same kernels on the same addresses from the first frame on,
+    which is what lets a push be replayed from a CUDA graph (`generation.graphs.GraphedStreamingDecoder`).
+    Keys carry their rotary positions already, so nothing about them changes as the window slides.
     """
 
     def __init__(self, layers: int, keep: int):
         self.keep = keep
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
-        self.position = 0  # absolute frame index of the next input
+        self.position: torch.Tensor | None = None  # [1] long: absolute frame index of the next input
 
-    @property
-    def cached(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+    def positions(self, device) -> torch.Tensor:
+        if self.position is None:
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
+        return self.position
 
     def layer(self, index: int) -> _SlidingLayerKV:
         return _SlidingLayerKV(self, index)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer] = k[:, :, -self.keep :].clone() if self.keep else k[:, :, :0]
-        self.values[layer] = v[:, :, -self.keep :].clone() if self.keep else v[:, :, :0]
+        if self.keys[layer] is None:
+            B, H, _, D = k.shape
+            self.keys[layer] = k.new_zeros(B, H, self.keep, D)
+            self.values[layer] = v.new_zeros(B, H, self.keep, D)
+        k = torch.cat([self.keys[layer], k], dim=2)
+        v = torch.cat([self.values[layer], v], dim=2)
+        tail = k.shape[2] - self.keep
+        self.keys[layer].copy_(k[:, :, tail:])
+        self.values[layer].copy_(v[:, :, tail:])
         return k, v
 
-    def advance(self, frames: int) -> None:
-        self.position += frames
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (*self.keys, *self.values, self.position) if t is not None]
 
     def numel(self) -> int:
         return sum(t.numel() for t in (*self.keys, *self.values) if t is not None)
@@ -127,18 +135,23 @@ class Code2WavTransformer(nn.Module):
         return SlidingKVCache(len(self.layers), max(self.window - 1, 0))
 
     def forward(self, x_BTC: torch.Tensor, cache: SlidingKVCache | None = None) -> torch.Tensor:
-        T = x_BTC.shape[1]
-        start, past = (cache.position, cache.cached) if cache is not None else (0, 0)
-        positions = torch.arange(start, start + T, device=x_BTC.device).view(1, 1, T)
-        rope = self.rotary(positions, dtype=x_BTC.dtype)
-        # While every key is within the window the mask is plain causal, and SDPA takes its fast path.
-        mask = None
-        if past + T > self.window:
-            mask = decoder_mask(None, T, past, self.window, x_BTC.device)
+        T, device = x_BTC.shape[1], x_BTC.device
+        if cache is None:
+            positions = torch.arange(T, device=device)
+            # While every key is within the window the mask is plain causal, and SDPA takes its fast path.
+            mask = decoder_mask(None, T, 0, self.window, device) if T > self.window else None
+        else:
+            # Keys: the `keep` buffered frames, then the T new ones; buffered slots before the stream's start
+            # (negative positions) are zeros and masked out. Positions live on the device (see SlidingKVCache).
+            start = cache.positions(device)
+            positions = start + torch.arange(T, device=device)
+            key_positions = start - cache.keep + torch.arange(cache.keep + T, device=device)
+            mask = position_mask(positions, key_positions, self.window, (key_positions >= 0)[None])
+        rope = self.rotary(positions.view(1, 1, T), dtype=x_BTC.dtype)
         for i, layer in enumerate(self.layers):
             x_BTC = layer(x_BTC, rope, mask, cache.layer(i) if cache is not None else None)
         if cache is not None:
-            cache.advance(T)
+            start.add_(T)
         return self.norm(x_BTC)
 
 
@@ -304,16 +317,29 @@ class StreamingDecoder:
     trim), so they are never final: `flush()` returns nothing new and resets the decoder for a new stream.
     Each push costs what its new frames cost offline plus a fixed overhead (the window and the histories),
     independent of how many frames came before.
+
+    The state is allocated in full by the first push and then updated in place (a reset zeroes it), so after
+    the first push every push of n frames reads and writes the same addresses: `steady` says so, and
+    `generation.graphs.GraphedStreamingDecoder` replays such pushes from CUDA graphs.
     """
 
     def __init__(self, model: Code2Wav):
         self.model = model
-        self.reset()
-
-    def reset(self) -> None:
-        self.cache = self.model.pre_transformer.new_cache()
+        self.cache = model.pre_transformer.new_cache()
         self.conv_state: StreamState = {}
         self.batch: int | None = None
+        self.frames = 0
+        self.emitted = 0
+
+    def reset(self) -> None:
+        """Start a new stream: the state goes back to zeros, in place (its buffers are kept for reuse)."""
+        with torch.no_grad():
+            for t in self.state_tensors():
+                t.zero_()
+        for module, value in self.conv_state.items():
+            if isinstance(value, tuple):  # a transposed conv: it drops its first `trim` outputs again
+                self.conv_state[module] = (value[0], module.trim)
+        self.batch = None
         self.frames = 0
         self.emitted = 0
 
@@ -322,29 +348,51 @@ class StreamingDecoder:
         """Samples of the frames pushed so far that are not yet final (waiting for the next frame)."""
         return self.frames * self.model.samples_per_frame - self.emitted
 
+    @property
+    def steady(self) -> bool:
+        """Whether the next push of n frames runs exactly what every later push of n frames runs: the state
+        exists and no transposed conv still has start-up outputs to drop (true after the first push)."""
+        return self.frames > 0 and all(v[1] == 0 for v in self.conv_state.values() if isinstance(v, tuple))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the stream carries (updated in place by each push)."""
+        convs = [v[0] if isinstance(v, tuple) else v for v in self.conv_state.values()]
+        return self.cache.tensors() + convs
+
     def state_numel(self) -> int:
-        """Number of elements of all carried state: constant once the attention window has filled."""
-        convs = 0
-        for value in self.conv_state.values():
-            tensor = value[0] if isinstance(value, tuple) else value
-            convs += tensor.numel()
+        """Number of elements of all carried state: fixed from the first push on."""
+        convs = sum(t.numel() for t in self.state_tensors()[len(self.cache.tensors()):])
         return self.cache.numel() + convs
 
     @torch.no_grad()  # state carried across calls must not hold autograd graphs (they would grow with the stream)
     def push(self, codes: torch.Tensor) -> torch.Tensor:
         """Decode the next `n` frames [B, Q, n] (n may be 0); return every sample that became final, [B, m]."""
+        self.check(codes)
+        if codes.shape[-1] == 0:
+            return self._empty()
+        return self.record(codes.shape[-1], self.decode(codes))
+
+    def check(self, codes: torch.Tensor) -> None:
+        """Raise InputError unless `codes` can be this stream's next push; a new stream adopts its batch size."""
         self.model.check_codes(codes, allow_empty=True)
         if self.batch is not None and codes.shape[0] != self.batch:
             raise InputError(f"codes: this stream has batch size {self.batch}, got {list(codes.shape)}")
+        if self.frames == 0 and self.state_tensors() and self.state_tensors()[0].shape[0] != codes.shape[0]:
+            self.cache, self.conv_state = self.model.pre_transformer.new_cache(), {}  # kept buffers: other batch
         self.batch = codes.shape[0]
-        if codes.shape[-1] == 0:
-            return self._empty()
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """The device work of a push of checked codes: the new samples [B, m], clamped. The state advances."""
         model = self.model
         h_BTC = model.pre_transformer(model.embed(codes), cache=self.cache)
         wav = model.decoder.step(model.upsample.step(h_BTC.transpose(1, 2), self.conv_state), self.conv_state)
-        self.frames += codes.shape[-1]
-        self.emitted += wav.shape[-1]
         return wav[:, 0].clamp(-1.0, 1.0)
+
+    def record(self, frames: int, samples: torch.Tensor) -> torch.Tensor:
+        """Host-side bookkeeping of a push of `frames` frames that returned `samples`."""
+        self.frames += frames
+        self.emitted += samples.shape[-1]
+        return samples
 
     def flush(self) -> torch.Tensor:
         """End the stream: return the samples still owed (none: see the class note) and reset for a new one."""

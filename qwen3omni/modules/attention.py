@@ -87,6 +87,11 @@ def _one_query(q, k, v, mask, scale):
     return (probs.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2).to(v.dtype).reshape(B, H, 1, D)
 
 
+# Devices whose compiled decode steps use `_one_query` (measured on CPU; scripts/gpu_check.py --experiments
+# measures it on CUDA by adding "cuda" here).
+ONE_QUERY_DEVICES = {"cpu"}
+
+
 def _one_query_mask(mask: torch.Tensor | None) -> bool:
     """No mask, or a decoder's one-query mask: boolean [B or 1, 1, 1, S] (what `_one_query` broadcasts)."""
     return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1))
@@ -110,7 +115,8 @@ def attend(
     if backend == "flash" and mask is None and flash_usable(q):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants [B, T, H, D]
         return flash_attn_func(q, k, v, causal=causal, softmax_scale=scale).transpose(1, 2)
-    if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling() and _one_query_mask(mask):
+    one_query = q.shape[2] == 1 and q.device.type in ONE_QUERY_DEVICES
+    if one_query and torch.compiler.is_compiling() and _one_query_mask(mask):
         return _one_query(q, k, v, mask, scale)
     if causal and q.shape[2] != k.shape[2]:
         # SDPA's is_causal aligns top-left; spell out the bottom-right mask for a query block after a cache.

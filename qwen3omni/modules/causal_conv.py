@@ -38,6 +38,17 @@ def conv_as_matmul(x_BCT: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return few_row_linear(cols, weight.reshape(out, C * k), bias)
 
 
+def _keep(state: StreamState, module: nn.Module, past: torch.Tensor, history: torch.Tensor, *extra) -> None:
+    """Carry `history` (a slice of this step's window) as `module`'s state: copied in place into the tensor
+    carried so far, so the state keeps its address from step to step (what a CUDA graph replay needs), or
+    a copy of it at the first step (only the history, not the window it is a view of)."""
+    if module in state:
+        past.copy_(history)
+    else:
+        past = history.clone()
+    state[module] = (past, *extra) if extra else past
+
+
 class CausalConv1d(nn.Module):
     """Conv1d whose output at time t reads inputs at times <= t only (zero left padding).
 
@@ -83,7 +94,7 @@ class CausalConv1d(nn.Module):
         if past is None:  # the zeros that forward pads with
             past = x_BCT.new_zeros(x_BCT.shape[0], x_BCT.shape[1], self.left_pad)
         window = torch.cat([past, x_BCT], dim=-1)
-        state[self] = window[..., -self.left_pad :].clone()  # clone: keep only the history, not the window
+        _keep(state, self, past, window[..., -self.left_pad :])
         return self._valid(window)
 
 
@@ -166,7 +177,7 @@ class CausalConvTranspose1d(nn.Module):
         if to_drop:
             dropped = min(to_drop, y.shape[-1])
             y, to_drop = y[..., dropped:], to_drop - dropped
-        state[self] = (window[..., -self.lookahead :].clone(), to_drop)
+        _keep(state, self, past, window[..., -self.lookahead :], to_drop)
         return y
 
 
