@@ -285,3 +285,19 @@ def test_stream_lease_shares_the_graphed_decoder_one_stream_at_a_time(setup):
         assert again is first
     with graphs.streaming_decoder(ours, False) as plain:
         assert not isinstance(plain, graphs.GraphedStreamingDecoder)
+
+
+def test_a_new_stream_follows_the_model_to_another_dtype(setup):
+    """Buffers kept from an earlier stream are replaced when the model's dtype (or device) has changed."""
+    ours, codes, _, offline = setup
+    dec = ours.streaming_decoder()
+    dec.push(codes[..., :3])
+    dec.flush()
+    try:
+        ours.double()
+        wav = dec.push(codes[..., :6])
+        assert wav.dtype == torch.float64 and dec.state_tensors()[0].dtype == torch.float64
+    finally:
+        ours.float()
+    dec.flush()
+    assert float((dec.push(codes[..., :6]) - offline[:, : ours.num_samples(6)]).abs().max()) < WAVE_TOL

@@ -377,8 +377,11 @@ class StreamingDecoder:
         self.model.check_codes(codes, allow_empty=True)
         if self.batch is not None and codes.shape[0] != self.batch:
             raise InputError(f"codes: this stream has batch size {self.batch}, got {list(codes.shape)}")
-        if self.frames == 0 and self.state_tensors() and self.state_tensors()[0].shape[0] != codes.shape[0]:
-            self.cache, self.conv_state = self.model.pre_transformer.new_cache(), {}  # kept buffers: other batch
+        kept = self.cache.keys[0] if self.cache.keys else None
+        if self.frames == 0 and kept is not None:  # a new stream on the buffers of an earlier one: new buffers
+            weight = self.model.code_embedding.weight  # if its batch size differs or the model has moved
+            if (kept.shape[0], kept.device, kept.dtype) != (codes.shape[0], weight.device, weight.dtype):
+                self.cache, self.conv_state = self.model.pre_transformer.new_cache(), {}
         self.batch = codes.shape[0]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
