@@ -450,14 +450,57 @@ def frame_and_decode(model, cfg, dev: Device, label: str) -> None:
 
 
 def section_experiments(model, cfg, args, dev: Device, budget: Budget) -> None:
-    """Kernel profiles of a speech frame and of Code2Wav pushes, then compile variants measured side by side
-    (inductor's pass that writes one-row products as fused reductions, which CPU stacks use; `variants` below
-    also takes devices for the one-query attention form). Restores the default compilation at the end."""
-    from qwen3omni.generation.graphs import GraphedStreamingDecoder
+    """A kernel profile of a speech frame (and of Code2Wav pushes with --profile-code2wav), then one-row products
+    through `triton_gemv` against cuBLAS: per product, and in the speech frame and thinker step, compiled and
+    eager. Restores the default compilation at the end."""
     from qwen3omni.modules import attention
 
     loop, replay = frame_and_decode(model, cfg, dev, "default compile_decoding()")
     kernel_profile(replay, dev, 10, "speech frame (graph replay)")
+    if args.profile_code2wav:
+        profile_code2wav(model, dev)
+    # (measured on an H200 in session 8, run 1 and 2: the one-query form on CUDA made the compiled frame slower,
+    # 9.28 against 7.84 ms, as did the one-row pass (8.49 against 8.07) and cuBLASLt (9.06 against 8.07))
+    if dev.cuda:
+        gemv_microbench(dev)
+    from qwen3omni.modules import few_rows
+
+    eager_logits = decode_step_logits(model.thinker, random_ids(40, 11, dev.device))
+    try:
+        few_rows.CUDA_GEMV = True
+        torch._dynamo.reset()
+        t = time.perf_counter()
+        model.compile_decoding()
+        gemv_logits = decode_step_logits(model.thinker, random_ids(40, 11, dev.device))
+        with torch.no_grad():
+            model.generate(input_ids=chat_prompt(cfg, 4, 9, dev.device), max_new_tokens=3, do_sample=False,
+                           talker_do_sample=False, talker_max_new_tokens=3)
+        scale = eager_logits.abs().max()
+        say("experiment", variant="triton gemv", compile_seconds=round(time.perf_counter() - t, 1),
+            logits_max_rel_diff_to_default=round(float((gemv_logits - eager_logits).abs().max() / scale), 5),
+            same_argmax=bool(gemv_logits.argmax() == eager_logits.argmax()))
+        _, frame_replay = frame_and_decode(model, cfg, dev, "compile_decoding() + triton gemv")
+        kernel_profile(frame_replay, dev, 10, "speech frame (graph replay), compiled + triton gemv")
+        PASS["tag"] = "compiled_triton_gemv"
+        section_rtf(model, args, dev, budget)
+        PASS["tag"] = "compiled"
+        model.compile_decoding(False)
+        frame_and_decode(model, cfg, dev, "eager layers + triton gemv")
+        few_rows.CUDA_GEMV = False
+        frame_and_decode(model, cfg, dev, "eager layers (default)")
+    except Exception as e:  # noqa: BLE001
+        say("experiment", variant="triton gemv", error=f"{type(e).__name__}: {str(e)[:600]}")
+    finally:
+        few_rows.CUDA_GEMV = False
+        attention.ONE_QUERY_DEVICES = {"cpu"}
+        torch._dynamo.reset()
+        model.compile_decoding()
+
+
+def profile_code2wav(model, dev: Device) -> None:
+    """Kernel profiles of Code2Wav's 8-frame pushes, eager and replayed from CUDA graphs."""
+    from qwen3omni.generation.graphs import GraphedStreamingDecoder
+
     codes = torch.randint(0, model.config.code2wav.codebook_size, (1, model.config.code2wav.num_quantizers, 96),
                           generator=torch.Generator().manual_seed(2)).to(dev.device)
     with torch.no_grad():
@@ -471,45 +514,39 @@ def section_experiments(model, cfg, args, dev: Device, budget: Budget) -> None:
                 p[0] = 8 + (p[0] % 80)
 
             kernel_profile(push, dev, 4, f"code2wav 8-frame push ({'cuda graphs' if graphed else 'eager'})")
-    # (measured on an H200 in session 8: the one-query form on CUDA made the compiled frame slower, 9.28 against
-    # 7.84 ms, and 8.72 with the one-row pass added; so only the pass alone is left to measure)
-    variants = [
-        ("one-row products fused", set(), {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}}),
-    ]
-    try:
-        for label, devices, options in variants:
-            if budget.left() < 90:
-                say("experiment", variant=label, skipped="budget")
-                continue
-            attention.ONE_QUERY_DEVICES = {"cpu"} | devices
-            torch._dynamo.reset()
-            t = time.perf_counter()
-            model.compile_decoding(**options)
-            with torch.no_grad():
-                model.generate(input_ids=chat_prompt(cfg, 4, 9, dev.device), max_new_tokens=3, do_sample=False,
-                               talker_do_sample=False, talker_max_new_tokens=3)
-            say("experiment", variant=label, compile_seconds=round(time.perf_counter() - t, 1))
-            try:
-                _, frame_replay = frame_and_decode(model, cfg, dev, label)
-                kernel_profile(frame_replay, dev, 10, f"speech frame (graph replay), {label}")
-            except Exception as e:  # noqa: BLE001
-                say("experiment", variant=label, error=f"{type(e).__name__}: {str(e)[:400]}")
-    finally:
-        attention.ONE_QUERY_DEVICES = {"cpu"}
-        torch._dynamo.reset()
-        model.compile_decoding()
-    if dev.cuda and budget.left() > 40:  # the BLAS library behind the one-row products (no recompile needed)
-        default = torch.backends.cuda.preferred_blas_library()
-        for library in ("cublaslt", "cublas"):
-            if str(library) in str(default).lower():
-                continue
-            try:
-                torch.backends.cuda.preferred_blas_library(library)
-                frame_and_decode(model, cfg, dev, f"compile_decoding(), BLAS {library} (default {default})")
-            except Exception as e:  # noqa: BLE001
-                say("experiment", variant=f"BLAS {library}", error=f"{type(e).__name__}: {str(e)[:300]}")
-            finally:
-                torch.backends.cuda.preferred_blas_library(default)
+
+
+def gemv_microbench(dev: Device) -> None:
+    """One-row products: `triton_gemv.gemv` against F.linear (cuBLAS), CUDA events, medians of 50."""
+    import torch.nn.functional as F
+
+    from qwen3omni.modules import triton_gemv
+
+    if not triton_gemv.available:
+        say("gemv", skipped="triton not installed")
+        return
+    for n, k in ((3072, 1024), (1024, 3072), (2048, 1024), (1024, 1024), (1024, 2048), (4096, 2048), (2048, 768)):
+        w = torch.randn(n, k, device=dev.device, dtype=torch.bfloat16)
+        x = torch.randn(1, k, device=dev.device, dtype=torch.bfloat16)
+        row = {}
+        calls = (("cublas", lambda w=w, x=x: F.linear(x, w)),
+                 ("triton", lambda w=w, x=x: triton_gemv.gemv(w, x[0], None)))
+        for name, fn in calls:
+            fn()
+            times = []
+            for _ in range(50):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            row[name + "_us"] = round(statistics.median(times), 2)
+        diff = float((triton_gemv.gemv(w, x[0], None).float() - F.linear(x, w)[0].float()).abs().max())
+        say("gemv", n=n, k=k, **row, weight_mb=round(n * k * 2 / 1e6, 2), max_abs_diff=diff,
+            triton_tb_per_s=round(n * k * 2 / (row["triton_us"] * 1e-6) / 1e12, 2))
+
+
 
 
 # ---- 2. prefill ----------------------------------------------------------------------------------------------------
@@ -855,6 +892,7 @@ def main(argv=None):
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--compiled-only", action="store_true", help="with --compile: skip the first pass's sections")
     ap.add_argument("--profile-stream", action="store_true", help="in the compiled pass, profile one stream call")
+    ap.add_argument("--profile-code2wav", action="store_true", help="with --experiments: Code2Wav push profiles")
     ap.add_argument("--experiments", action="store_true", help="in the compiled pass: kernel profiles of a speech "
                     "frame and of Code2Wav pushes, and compile variants side by side")
     args = ap.parse_args(argv)

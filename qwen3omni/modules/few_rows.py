@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_gemv
+
 FEW_ROWS = range(3, 9)  # rows for which the oneDNN kernel is used
 
 
@@ -46,6 +48,10 @@ def _onednn_linear():
 
 
 _ONEDNN_LINEAR = _onednn_linear()
+
+
+# One-row products on CUDA through the Triton kernel of `triton_gemv` instead of cuBLAS (opt-in).
+CUDA_GEMV = False
 
 
 def _cpu_autocast() -> bool:
@@ -109,7 +115,10 @@ def _(weight, x):
 
 
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, as F.linear, choosing the CPU kernel by row count (see the module note)."""
+    """x @ weight.T + bias, as F.linear, choosing the CPU kernel by row count (see the module note); on CUDA,
+    one row through `triton_gemv` where `CUDA_GEMV` is set."""
+    if CUDA_GEMV and x.is_cuda and triton_gemv.usable(x, weight):
+        return triton_gemv.gemv(weight, x.reshape(-1), bias).view(*x.shape[:-1], weight.shape[0])
     if uses_matvec(x, weight):
         # (the custom op's dispatch costs ~8 us a call, so eager calls go straight to torch.mv)
         mv = matvec if torch.compiler.is_compiling() else torch.mv
