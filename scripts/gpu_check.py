@@ -451,8 +451,8 @@ def frame_and_decode(model, cfg, dev: Device, label: str) -> None:
 
 def section_experiments(model, cfg, args, dev: Device, budget: Budget) -> None:
     """A kernel profile of a speech frame (and of Code2Wav pushes with --profile-code2wav), then one-row products
-    through `triton_gemv` against cuBLAS: per product, and in the speech frame and thinker step, compiled and
-    eager. Restores the default compilation at the end."""
+    through cuBLAS against `triton_gemv` (whichever is not the default) in the speech frame and thinker step,
+    compiled and eager (inside CUDA graphs). Restores the default compilation at the end."""
     from qwen3omni.modules import attention
 
     loop, replay = frame_and_decode(model, cfg, dev, "default compile_decoding()")
@@ -461,37 +461,34 @@ def section_experiments(model, cfg, args, dev: Device, budget: Budget) -> None:
         profile_code2wav(model, dev)
     # (measured on an H200 in session 8, run 1 and 2: the one-query form on CUDA made the compiled frame slower,
     # 9.28 against 7.84 ms, as did the one-row pass (8.49 against 8.07) and cuBLASLt (9.06 against 8.07))
-    if dev.cuda:
-        gemv_microbench(dev)
     from qwen3omni.modules import few_rows
 
+    default = few_rows.CUDA_GEMV
     eager_logits = decode_step_logits(model.thinker, random_ids(40, 11, dev.device))
     try:
-        few_rows.CUDA_GEMV = True
+        few_rows.CUDA_GEMV = not default
+        label = "triton gemv" if few_rows.CUDA_GEMV else "cuBLAS one-row products"
         torch._dynamo.reset()
         t = time.perf_counter()
         model.compile_decoding()
-        gemv_logits = decode_step_logits(model.thinker, random_ids(40, 11, dev.device))
+        other_logits = decode_step_logits(model.thinker, random_ids(40, 11, dev.device))
         with torch.no_grad():
             model.generate(input_ids=chat_prompt(cfg, 4, 9, dev.device), max_new_tokens=3, do_sample=False,
                            talker_do_sample=False, talker_max_new_tokens=3)
         scale = eager_logits.abs().max()
-        say("experiment", variant="triton gemv", compile_seconds=round(time.perf_counter() - t, 1),
-            logits_max_rel_diff_to_default=round(float((gemv_logits - eager_logits).abs().max() / scale), 5),
-            same_argmax=bool(gemv_logits.argmax() == eager_logits.argmax()))
-        _, frame_replay = frame_and_decode(model, cfg, dev, "compile_decoding() + triton gemv")
-        kernel_profile(frame_replay, dev, 10, "speech frame (graph replay), compiled + triton gemv")
-        PASS["tag"] = "compiled_triton_gemv"
-        section_rtf(model, args, dev, budget)
-        PASS["tag"] = "compiled"
+        say("experiment", variant=label, compile_seconds=round(time.perf_counter() - t, 1),
+            logits_max_rel_diff_to_default=round(float((other_logits - eager_logits).abs().max() / scale), 5),
+            same_argmax=bool(other_logits.argmax() == eager_logits.argmax()))
+        _, frame_replay = frame_and_decode(model, cfg, dev, f"compile_decoding(), {label}")
+        kernel_profile(frame_replay, dev, 10, f"speech frame (graph replay), compiled, {label}")
         model.compile_decoding(False)
-        frame_and_decode(model, cfg, dev, "eager layers + triton gemv")
-        few_rows.CUDA_GEMV = False
+        frame_and_decode(model, cfg, dev, f"eager layers, {label}")
+        few_rows.CUDA_GEMV = default
         frame_and_decode(model, cfg, dev, "eager layers (default)")
     except Exception as e:  # noqa: BLE001
-        say("experiment", variant="triton gemv", error=f"{type(e).__name__}: {str(e)[:600]}")
+        say("experiment", variant="one-row products", error=f"{type(e).__name__}: {str(e)[:600]}")
     finally:
-        few_rows.CUDA_GEMV = False
+        few_rows.CUDA_GEMV = default
         attention.ONE_QUERY_DEVICES = {"cpu"}
         torch._dynamo.reset()
         model.compile_decoding()
@@ -514,39 +511,6 @@ def profile_code2wav(model, dev: Device) -> None:
                 p[0] = 8 + (p[0] % 80)
 
             kernel_profile(push, dev, 4, f"code2wav 8-frame push ({'cuda graphs' if graphed else 'eager'})")
-
-
-def gemv_microbench(dev: Device) -> None:
-    """One-row products: `triton_gemv.gemv` against F.linear (cuBLAS), CUDA events, medians of 50."""
-    import torch.nn.functional as F
-
-    from qwen3omni.modules import triton_gemv
-
-    if not triton_gemv.available:
-        say("gemv", skipped="triton not installed")
-        return
-    for n, k in ((3072, 1024), (1024, 3072), (2048, 1024), (1024, 1024), (1024, 2048), (4096, 2048), (2048, 768)):
-        w = torch.randn(n, k, device=dev.device, dtype=torch.bfloat16)
-        x = torch.randn(1, k, device=dev.device, dtype=torch.bfloat16)
-        row = {}
-        calls = (("cublas", lambda w=w, x=x: F.linear(x, w)),
-                 ("triton", lambda w=w, x=x: triton_gemv.gemv(w, x[0], None)))
-        for name, fn in calls:
-            fn()
-            times = []
-            for _ in range(50):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3)
-            row[name + "_us"] = round(statistics.median(times), 2)
-        diff = float((triton_gemv.gemv(w, x[0], None).float() - F.linear(x, w)[0].float()).abs().max())
-        say("gemv", n=n, k=k, **row, weight_mb=round(n * k * 2 / 1e6, 2), max_abs_diff=diff,
-            triton_tb_per_s=round(n * k * 2 / (row["triton_us"] * 1e-6) / 1e12, 2))
-
-
 
 
 # ---- 2. prefill ----------------------------------------------------------------------------------------------------
@@ -855,10 +819,11 @@ def experts_impl(ref) -> str:
 
 # ---- main --------------------------------------------------------------------------------------------------------
 def environment(dev: Device, dtype) -> None:
-    from qwen3omni.modules import attention, moe
+    from qwen3omni.modules import attention, few_rows, moe, triton_gemv
 
     info = {"torch": torch.__version__, "device": str(dev.device), "dtype": str(dtype),
-            "flash_attn": attention.flash_attn_func is not None, "grouped_mm": hasattr(torch, "_grouped_mm")}
+            "flash_attn": attention.flash_attn_func is not None, "grouped_mm": hasattr(torch, "_grouped_mm"),
+            "one_row_products": "triton gemv" if few_rows.CUDA_GEMV and triton_gemv.available else "cuBLAS"}
     if dev.cuda:
         props = torch.cuda.get_device_properties(dev.device)
         info.update(gpu=props.name, memory_gb=round(props.total_memory / 1e9, 1),

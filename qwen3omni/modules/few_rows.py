@@ -21,6 +21,8 @@ the few rows (measured with the weight out of cache on [3072, 1024] ... [1024, 3
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,8 +52,10 @@ def _onednn_linear():
 _ONEDNN_LINEAR = _onednn_linear()
 
 
-# One-row products on CUDA through the Triton kernel of `triton_gemv` instead of cuBLAS (opt-in).
-CUDA_GEMV = False
+# One-row products on CUDA through the Triton kernel of `triton_gemv` instead of cuBLAS, where Triton is
+# installed (measured on an H200: a speech frame 7.86 -> 6.41 ms, a compiled thinker step 6.27 -> 5.92 ms).
+# QWEN3OMNI_TRITON_GEMV=0 (or setting this to False) keeps cuBLAS.
+CUDA_GEMV = os.environ.get("QWEN3OMNI_TRITON_GEMV", "1") != "0"
 
 
 def _cpu_autocast() -> bool:
