@@ -428,8 +428,9 @@ def kernel_profile(fn, dev: Device, repeats: int, label: str) -> None:
             us_per_call=round(e.self_device_time_total / repeats, 1))
 
 
-def frame_and_decode(model, cfg, dev: Device, label: str) -> None:
-    """Talker step + code predictor per frame (one CUDA graph) and a thinker decode step (CUDA graph)."""
+def frame_and_decode(model, cfg, dev: Device, label: str) -> Replay:
+    """Talker step + code predictor per frame (one CUDA graph) and a thinker decode step (CUDA graph), timed;
+    returns the frame's replay."""
     loop = SpeechLoop(model, dev, prompt_len=40, frames=80)
     loop.prefill()
     for _ in range(2):
@@ -446,16 +447,14 @@ def frame_and_decode(model, cfg, dev: Device, label: str) -> None:
     seconds, tokens = dec.run(step_replay, 60)
     say("experiment", variant=label, frame_ms=round(frame_ms, 3), thinker_ms_per_token=round(seconds * 1e3 / 60, 3),
         thinker_tokens_head=tokens[:6].tolist())
-    return loop, replay
+    return replay
 
 
 def section_experiments(model, cfg, args, dev: Device, budget: Budget) -> None:
     """A kernel profile of a speech frame (and of Code2Wav pushes with --profile-code2wav), then one-row products
     through cuBLAS against `triton_gemv` (whichever is not the default) in the speech frame and thinker step,
     compiled and eager (inside CUDA graphs). Restores the default compilation at the end."""
-    from qwen3omni.modules import attention
-
-    loop, replay = frame_and_decode(model, cfg, dev, "default compile_decoding()")
+    replay = frame_and_decode(model, cfg, dev, "default compile_decoding()")
     kernel_profile(replay, dev, 10, "speech frame (graph replay)")
     if args.profile_code2wav:
         profile_code2wav(model, dev)
@@ -479,7 +478,7 @@ def section_experiments(model, cfg, args, dev: Device, budget: Budget) -> None:
         say("experiment", variant=label, compile_seconds=round(time.perf_counter() - t, 1),
             logits_max_rel_diff_to_default=round(float((other_logits - eager_logits).abs().max() / scale), 5),
             same_argmax=bool(other_logits.argmax() == eager_logits.argmax()))
-        _, frame_replay = frame_and_decode(model, cfg, dev, f"compile_decoding(), {label}")
+        frame_replay = frame_and_decode(model, cfg, dev, f"compile_decoding(), {label}")
         kernel_profile(frame_replay, dev, 10, f"speech frame (graph replay), compiled, {label}")
         model.compile_decoding(False)
         frame_and_decode(model, cfg, dev, f"eager layers, {label}")
@@ -489,7 +488,6 @@ def section_experiments(model, cfg, args, dev: Device, budget: Budget) -> None:
         say("experiment", variant="one-row products", error=f"{type(e).__name__}: {str(e)[:600]}")
     finally:
         few_rows.CUDA_GEMV = default
-        attention.ONE_QUERY_DEVICES = {"cpu"}
         torch._dynamo.reset()
         model.compile_decoding()
 
@@ -713,13 +711,14 @@ def section_rtf(model, args, dev: Device, budget: Budget) -> None:
 
 
 def code2wav_pushes(model, stream: torch.Tensor, chunk: int, dev: Device, graphed: bool):
-    """Code2Wav's incremental decoder pushed `chunk` frames at a time after a warm stream (its attention window
-    and conv histories full): (median ms per frame, max |samples - eager samples|) or None if too short.
+    """Code2Wav's incremental decoder pushed `chunk` frames at a time after a warm-up push (the state is of fixed
+    size, so a push costs the same however full the window is): (median ms per frame, max |samples - eager
+    samples|) or None if the stream is too short.
     `graphed`: through `GraphedStreamingDecoder` (what `stream` uses on CUDA), whose second push of a size
     captures it; the timed pushes are the replays after that."""
     from qwen3omni.generation.graphs import GraphedStreamingDecoder
 
-    warm = min(72, stream.shape[-1] - 8 * chunk)  # (a push costs the same whether the window is full or not)
+    warm = min(72, stream.shape[-1] - 8 * chunk)
     if warm < 1:
         return None
     plain = model.code2wav.streaming_decoder()

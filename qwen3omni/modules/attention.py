@@ -74,7 +74,8 @@ def _one_query(q, k, v, mask, scale):
     whose fixed cost (~50 us a call in a decode step here) outweighs the work for one query (measured:
     compiled workload C ~8% faster per token). Query heads are grouped per key head (head h reads key head
     h // groups, as `enable_gqa` does); products and sums run in float32, as SDPA's CPU kernel accumulates;
-    a query with no visible key outputs zeros, as SDPA does."""
+    a query with no visible key outputs zeros, as SDPA does. CPU only: on an H200 it made a compiled speech
+    frame slower (9.28 against 7.84 ms, scripts/results/gpu_check_h200_session8_experiments.log)."""
     B, H, _, D = q.shape
     groups = H // k.shape[1]
     q_BKGD = q.reshape(B, k.shape[1], groups, D)
@@ -85,11 +86,6 @@ def _one_query(q, k, v, mask, scale):
     if mask is not None:
         probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     return (probs.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2).to(v.dtype).reshape(B, H, 1, D)
-
-
-# Devices whose compiled decode steps use `_one_query` (measured on CPU; scripts/gpu_check.py --experiments
-# measures it on CUDA by adding "cuda" here).
-ONE_QUERY_DEVICES = {"cpu"}
 
 
 def _one_query_mask(mask: torch.Tensor | None) -> bool:
@@ -115,8 +111,7 @@ def attend(
     if backend == "flash" and mask is None and flash_usable(q):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants [B, T, H, D]
         return flash_attn_func(q, k, v, causal=causal, softmax_scale=scale).transpose(1, 2)
-    one_query = q.shape[2] == 1 and q.device.type in ONE_QUERY_DEVICES
-    if one_query and torch.compiler.is_compiling() and _one_query_mask(mask):
+    if q.shape[2] == 1 and q.device.type == "cpu" and torch.compiler.is_compiling() and _one_query_mask(mask):
         return _one_query(q, k, v, mask, scale)
     if causal and q.shape[2] != k.shape[2]:
         # SDPA's is_causal aligns top-left; spell out the bottom-right mask for a query block after a cache.
