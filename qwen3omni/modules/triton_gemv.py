@@ -7,7 +7,7 @@ accumulating in float32 as cuBLAS does. Measured inside the CUDA graph of a comp
 (scripts/gpu_check.py --experiments, session 8): 3.2 us per product on average against 4.5-8.1 us, the frame
 7.86 -> 6.41 ms (logits within bf16 noise of cuBLAS's: 0.057 of their scale, same argmax).
 
-Imported only where Triton is installed (it ships with CUDA builds of torch); `available` says whether it is.
+`available` says whether Triton is installed (it ships with CUDA builds of torch; CPU builds lack it).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _blocks(n: int, k: int) -> tuple[int, int]:
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One row of a contiguous CUDA weight of at most MAX_WEIGHT_NUMEL elements, same dtype, no gradient."""
+    """One row of a contiguous CUDA weight of at most MAX_WEIGHT_NUMEL elements, same dtype, no gradient, no
+    CUDA autocast (which would choose the product's dtype itself: those calls stay on F.linear)."""
     return (
         available
         and x.is_cuda
@@ -65,6 +66,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.is_contiguous()
         and weight.numel() <= MAX_WEIGHT_NUMEL
         and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cuda")
     )
 
 
