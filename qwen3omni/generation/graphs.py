@@ -238,8 +238,9 @@ class GraphedStreamingDecoder:
     def push(self, codes: torch.Tensor) -> torch.Tensor:
         inner = self.inner
         if codes.shape[-1] == 0 or not inner.steady:
+            first = not inner.steady
             samples = inner.push(codes)
-            if inner.steady:  # the stream's first push: its state now exists at its final addresses
+            if first and inner.steady:  # the stream's first push: its state now exists at its final addresses
                 self._forget_if_changed()
             return samples
         inner.check(codes)
@@ -256,30 +257,21 @@ class GraphedStreamingDecoder:
         return self.inner.flush()
 
 
+@contextlib.contextmanager
 def streaming_decoder(code2wav, graphs: bool):
-    """A context manager giving one stream its Code2Wav decoder: with `graphs`, the model's
-    `GraphedStreamingDecoder` (kept on the module, so later streams replay its graphs) unless another stream
-    holds it; otherwise a plain `StreamingDecoder`. The decoder is flushed when the stream ends."""
-    return _DecoderLease(code2wav, graphs)
-
-
-class _DecoderLease:
-    def __init__(self, code2wav, graphs: bool):
-        self.code2wav, self.graphs, self.shared = code2wav, graphs, False
-
-    def __enter__(self):
-        state = self.code2wav.__dict__
-        if self.graphs and not state.get("_graphed_decoder_busy"):
-            if "_graphed_decoder" not in state:
-                state["_graphed_decoder"] = GraphedStreamingDecoder(self.code2wav)
-            state["_graphed_decoder_busy"] = self.shared = True
-            self.decoder = state["_graphed_decoder"]
-            self.decoder.flush()  # a stream abandoned mid-way may have left state behind
-        else:
-            self.decoder = self.code2wav.streaming_decoder()
-        return self.decoder
-
-    def __exit__(self, *exc):
-        if self.shared:
-            self.code2wav.__dict__["_graphed_decoder_busy"] = False
-        return False
+    """The Code2Wav decoder for one stream: with `graphs`, the model's `GraphedStreamingDecoder` (kept on the
+    module, so later streams replay its graphs; flushed first, in case a stream abandoned mid-way left state
+    behind) unless another stream holds it; otherwise a plain `StreamingDecoder`."""
+    state = code2wav.__dict__
+    if not graphs or state.get("_graphed_decoder_busy"):
+        yield code2wav.streaming_decoder()
+        return
+    if "_graphed_decoder" not in state:
+        state["_graphed_decoder"] = GraphedStreamingDecoder(code2wav)
+    state["_graphed_decoder_busy"] = True
+    try:
+        decoder = state["_graphed_decoder"]
+        decoder.flush()
+        yield decoder
+    finally:
+        state["_graphed_decoder_busy"] = False
