@@ -107,9 +107,6 @@ class SlidingKVCache:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (*self.keys, *self.values, self.position) if t is not None]
 
-    def numel(self) -> int:
-        return sum(t.numel() for t in (*self.keys, *self.values) if t is not None)
-
 
 class _SlidingLayerKV:
     """One layer's view of a `SlidingKVCache` (the `kv` an attention layer updates)."""
@@ -361,8 +358,7 @@ class StreamingDecoder:
 
     def state_numel(self) -> int:
         """Number of elements of all carried state: fixed from the first push on."""
-        convs = sum(t.numel() for t in self.state_tensors()[len(self.cache.tensors()):])
-        return self.cache.numel() + convs
+        return sum(t.numel() for t in self.state_tensors())
 
     @torch.no_grad()  # state carried across calls must not hold autograd graphs (they would grow with the stream)
     def push(self, codes: torch.Tensor) -> torch.Tensor:
