@@ -12,10 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen3omni.modules import cpu_kernels
 from qwen3omni.modules.moe import Experts, MoeBlock, Routing, grouped_mm_usable, moe_reference
 
 TOL = 1e-5
-STRATEGIES = ["pairs", "sorted", "gathered"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
+KERNEL = cpu_kernels.grouped_gemm() is not None  # AVX-512 and a C++ compiler (this project's CI machine has both)
+GROUPED_MM = ["grouped_mm"] if hasattr(torch, "_grouped_mm") else []
+STRATEGIES = ["pairs", "sorted", "gathered"] + GROUPED_MM + (["cpu_kernel"] if KERNEL else [])
 
 
 def experts(E=8, H=32, inner=16, seed=0, dtype=torch.float32) -> Experts:
@@ -79,11 +82,13 @@ def test_a_wrong_routing_is_detected():
     assert rel_err(wrong_weight, want) > 1e-2
 
 
-def test_auto_picks_pairs_for_decode_and_sorted_for_prefill_on_cpu():
+def test_auto_picks_pairs_for_decode_and_grouping_for_prefill_on_cpu():
     ex = experts()
     one, many = torch.randn(1, 32), torch.randn(32, 32)
     assert ex.strategy(one, routing(1, 8, 2)) == "pairs"
-    assert ex.strategy(many, routing(32, 8, 2)) == "sorted"
+    assert ex.strategy(many, routing(32, 8, 2)) == "sorted"  # the parameters record gradients
+    with torch.no_grad():
+        assert ex.strategy(many, routing(32, 8, 2)) == ("cpu_kernel" if KERNEL else "sorted")
     assert not grouped_mm_usable(one, ex.gate_up_proj)  # CPU: never the (slow) CPU _grouped_mm by default
 
 
@@ -107,7 +112,7 @@ def test_gradients_match_reference(strategy):
         assert rel_err(g, w) < TOL
 
 
-@pytest.mark.parametrize("strategy", ["pairs", "sorted", "auto"] + STRATEGIES[3:])  # + grouped_mm where present
+@pytest.mark.parametrize("strategy", ["pairs", "sorted", "auto"] + GROUPED_MM)
 def test_bf16_close_to_fp32(strategy):
     """bf16 weights and activations: within bf16 rounding of the fp32 result, no overflow or NaN."""
     ex32 = experts(E=16, H=64, inner=32, seed=8)
@@ -137,18 +142,20 @@ def test_bf16_prefill_any_width(dim, inner):
 
 
 def test_cpu_strategy_choice():
-    """CPU: pairs for a few tokens; then sorted, or grouped_mm for bf16 inference (not float32, not training)."""
+    """CPU: pairs for a few tokens; then cpu_kernel for float32 inference, grouped_mm for bf16 inference, and
+    sorted when training."""
     ex32 = experts(E=16, H=64, inner=32, seed=8)
     ex16 = experts(E=16, H=64, inner=32, seed=8, dtype=torch.bfloat16)
     few, many = routing(2, 16, 4, seed=1), routing(9, 16, 4, seed=2)
     x2, x9 = torch.zeros(2, 64), torch.zeros(9, 64)
     with torch.no_grad():
         assert ex16.strategy(x2.bfloat16(), few) == ex32.strategy(x2, few) == "pairs"
-        assert ex32.strategy(x9, many) == "sorted"
+        assert ex32.strategy(x9, many) == ("cpu_kernel" if KERNEL else "sorted")
         from qwen3omni.modules.moe import _CPU_GROUPED_MM  # torch >= 2.9 has the CPU kernel
 
         assert ex16.strategy(x9.bfloat16(), many) == ("grouped_mm" if _CPU_GROUPED_MM else "sorted")
     assert ex16.strategy(x9.bfloat16(), many) == "sorted"  # gradients recorded
+    assert ex32.strategy(x9, many) == "sorted"
 
 
 def test_block_with_shared_expert_uses_dispatch():
@@ -189,3 +196,76 @@ def test_unknown_dispatch_is_an_input_error():
     ex.dispatch = "sortd"
     with pytest.raises(InputError, match="dispatch: expected one of .*'sortd'"):
         ex(torch.randn(3, 32), routing(3, 8, 2))
+
+
+# ---- the native CPU kernel (`cpu_kernels`) ------------------------------------------------------------------------
+needs_kernel = pytest.mark.skipif(not KERNEL, reason="the native CPU kernel needs AVX-512 and a C++ compiler")
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "E,H,inner,N,k,skew",
+    [
+        (16, 64, 32, 200, 4, True),  # groups of ~160 tokens: three full 48-column panels and a 16-wide tail
+        (8, 30, 13, 37, 3, False),  # rows not a multiple of the 8-row tile, odd widths, 16/32/48-wide panels
+        (128, 48, 24, 9, 8, False),  # most experts idle, groups of one or two tokens
+    ],
+)
+def test_cpu_kernel_matches_reference_at_awkward_sizes(E, H, inner, N, k, skew):
+    ex = experts(E=E, H=H, inner=inner, seed=N)
+    r = routing(N, E, k, seed=N + 1, skew=skew)
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(N + 2))
+    with torch.no_grad():
+        want = moe_reference(ex, x, r)
+        ex.dispatch = "cpu_kernel"
+        got = ex(x, r)
+        ex.dispatch = "sorted"
+        sorted_ = ex(x, r)
+    assert rel_err(got, want) < TOL
+    assert rel_err(got, sorted_) < TOL
+    assert rel_err(got.roll(1, 0), want) > 0.1  # another token's output is far off
+
+
+@needs_kernel
+def test_cpu_kernel_does_not_depend_on_the_thread_count():
+    """Threads split the weight rows; every output element is summed in the same order whatever their number."""
+    ex = experts(E=16, H=64, inner=40, seed=1)
+    ex.dispatch = "cpu_kernel"
+    r = routing(70, 16, 4, seed=2)
+    x = torch.randn(70, 64, generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append(ex(x, r))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_cpu_kernel_refuses_what_it_cannot_run():
+    from qwen3omni.errors import InputError
+
+    ex = experts(dtype=torch.bfloat16)
+    ex.dispatch = "cpu_kernel"
+    r = routing(6, 8, 2)
+    with torch.no_grad(), pytest.raises(InputError, match="'cpu_kernel' needs float32 CPU tensors.*bfloat16"):
+        ex(torch.randn(6, 32).bfloat16(), Routing(r.logits, r.weights.bfloat16(), r.experts))
+
+
+def test_cpu_kernel_build_failure_falls_back(monkeypatch, tmp_path):
+    """A compiler that fails gives a warning and no kernel (the MoE keeps its torch path); nothing half-written
+    is left in the cache."""
+    monkeypatch.setenv("QWEN3OMNI_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+    monkeypatch.setattr(cpu_kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert cpu_kernels.grouped_gemm() is None
+    assert list(tmp_path.iterdir()) == []
+    ex = experts()
+    with torch.no_grad():
+        assert ex.strategy(torch.randn(9, 32), routing(9, 8, 2)) == "sorted"

@@ -1,0 +1,125 @@
+"""Native CPU kernels, compiled on first use with the system C++ compiler and loaded with ctypes.
+
+One kernel so far: `csrc/grouped_gemm.cpp`, the expert products of a float32 MoE prefill on x86 CPUs with
+AVX-512 (see its header for why BLAS is slow there). Nothing here is required: where there is no compiler, no
+AVX-512, or the build fails, `grouped_gemm()` returns None (the build failure is warned about once) and the
+MoE keeps its torch path. `QWEN3OMNI_CPU_KERNELS=0` turns the kernels off.
+
+The shared library is cached under `$QWEN3OMNI_CACHE_DIR` (default `~/.cache/qwen3omni`), named by a hash of
+the source, the flags and the compiler's version, and written atomically (temp file, then rename), so
+concurrent first uses and interrupted builds never leave a broken library behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "grouped_gemm.cpp"
+FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fPIC", "-shared", "-pthread"]
+ENABLED = os.environ.get("QWEN3OMNI_CPU_KERNELS", "1") != "0"
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QWEN3OMNI_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen3omni"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"grouped_gemm-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip()[-2000:])
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load():
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(f"qwen3omni: the CPU MoE kernel could not be built ({err}); using the torch path", stacklevel=3)
+        return None
+    fn = lib.q3o_grouped_gemm
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, i64, i64, i64, p, p, p, i64, p, i64, p, p, i64, p, i64, p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def grouped_gemm():
+    """The kernel's entry point (a ctypes function), or None where it cannot run here."""
+    if not ENABLED or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    with _lock:
+        if "grouped_gemm" not in _loaded:
+            _loaded["grouped_gemm"] = _load()
+        return _loaded["grouped_gemm"]
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def grouped_products(
+    weight_EMK: torch.Tensor,
+    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    x: torch.Tensor,
+    cols: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    width: int | None = None,
+) -> torch.Tensor | None:
+    """Per group (expert e, columns [start, start + n)): weight[e] @ the group's columns of x.
+
+    `groups` = (experts, starts, counts), int64. With `cols` (int32), x is token-major [N, K] and column p is
+    x[cols[p]]; without, x is [K, ld] and column p is x[:, p]. The products go to a new [M, width] tensor
+    (returned), or with `out` and `tokens` are added to out[tokens[p]] ([N, M], nothing returned).
+    """
+    fn = grouped_gemm()
+    E, M, K = weight_EMK.shape
+    experts, starts, counts = groups
+    c = None if out is not None else torch.empty(M, width, dtype=x.dtype)
+    status = fn(
+        weight_EMK.data_ptr(), weight_EMK.stride(0), M, K, experts.data_ptr(), starts.data_ptr(), counts.data_ptr(),
+        experts.numel(), x.data_ptr(), x.stride(0), _ptr(cols), _ptr(c), 0 if c is None else c.stride(0),
+        _ptr(out), 0 if out is None else out.stride(0), _ptr(tokens), torch.get_num_threads(),
+    )
+    if status:
+        raise MemoryError("qwen3omni grouped_gemm: could not allocate its panel buffers")
+    return c

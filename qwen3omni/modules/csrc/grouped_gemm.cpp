@@ -1,0 +1,206 @@
+// Grouped float32 matrix products for the mixture-of-experts prefill on x86 CPUs with AVX-512.
+//
+// For each group g (an expert e and the run of `counts[g]` token columns starting at `starts[g]`):
+//     Y[m, p] = sum_k W_e[m, k] * X[k, col(p)]      for m in [0, M), p in the group's columns,
+// where W_e = W + e * w_stride is row-major [M, K] (the stored expert weight, read as it is) and X is
+// column-per-token [K, *]: col(p) = cols[p] when `cols` is given (gathered), else p.
+// Y either goes to C[m, p] (row stride ldc) or is added to out[tokens[p], m] (row stride ldo).
+//
+// Why: BLAS packs the weight before multiplying it by the ~32 tokens an expert gets at prefill, so streaming
+// 4.8 GB of expert weights and computing do not overlap (measured: 1.22 ms per expert cold, 0.74 hot). Here
+// the weight is read straight from memory, one broadcast value at a time, against the group's tokens packed
+// into an L2-resident panel of 32 columns; the hardware prefetchers stream the weight rows under the FMAs.
+//
+// Rows are split between `threads` POSIX threads; each writes only its own rows of Y (or its own columns of
+// `out`), so the result does not depend on the thread count, and each token's groups are summed in group order.
+
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+constexpr int kRows = 8;     // weight rows per tile
+constexpr int kMaxWidth = 48;  // token columns per panel: up to three 16-float vectors (24 accumulators)
+
+struct Job {
+    const float* W;
+    int64_t w_stride, M, K;
+    const int64_t *experts, *starts, *counts;
+    int64_t groups;
+    const float* X;
+    int64_t ldx;
+    const int32_t* cols;
+    float* C;
+    int64_t ldc;
+    float* out;
+    int64_t ldo;
+    const int64_t* tokens;
+    int64_t m0, m1;
+    int status;
+};
+
+// acc[r][0:16V] = sum_k w[r, k] * panel[k, 0:16V] for R rows of the weight.
+// While it multiplies, it prefetches the next tile's rows (`next`, kRows rows of K) into L2, one cache line
+// per row every 16 steps: the hardware prefetchers follow a row once it is being read, but not the jump to the
+// next rows, which would otherwise arrive from memory only when the FMAs wait for them.
+template <int R, int V>
+void tile(const float* w, int64_t K, const float* panel, float (*acc)[kMaxWidth], const float* next) {
+    __m512 sum[R][V];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) sum[r][v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        if (next && (k & 15) == 0)
+            for (int r = 0; r < kRows; ++r) _mm_prefetch((const char*)(next + r * K + k), _MM_HINT_T1);
+        __m512 x[V];
+        for (int v = 0; v < V; ++v) x[v] = _mm512_loadu_ps(panel + k * 16 * V + 16 * v);
+        for (int r = 0; r < R; ++r) {
+            const __m512 b = _mm512_set1_ps(w[r * K + k]);
+            for (int v = 0; v < V; ++v) sum[r][v] = _mm512_fmadd_ps(b, x[v], sum[r][v]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc[r] + 16 * v, sum[r][v]);
+}
+
+template <int V>
+void tile_rows(int rows, const float* w, int64_t K, const float* panel, float (*acc)[kMaxWidth], const float* next) {
+    switch (rows) {
+        case 8: tile<8, V>(w, K, panel, acc, next); break;
+        case 7: tile<7, V>(w, K, panel, acc, next); break;
+        case 6: tile<6, V>(w, K, panel, acc, next); break;
+        case 5: tile<5, V>(w, K, panel, acc, next); break;
+        case 4: tile<4, V>(w, K, panel, acc, next); break;
+        case 3: tile<3, V>(w, K, panel, acc, next); break;
+        case 2: tile<2, V>(w, K, panel, acc, next); break;
+        default: tile<1, V>(w, K, panel, acc, next); break;
+    }
+}
+
+void tile_any(int vectors, int rows, const float* w, int64_t K, const float* panel, float (*acc)[kMaxWidth],
+              const float* next) {
+    if (vectors == 3) tile_rows<3>(rows, w, K, panel, acc, next);
+    else if (vectors == 2) tile_rows<2>(rows, w, K, panel, acc, next);
+    else tile_rows<1>(rows, w, K, panel, acc, next);
+}
+
+// Columns [first, first + n) as one compact panel[k, c] of `width` columns (zero beyond n), so a tile reads its
+// operand from L1/L2 rather than from K scattered rows. With `cols`, X holds one row per token (row stride ldx)
+// and column c is X[cols[c], :]; without, X is [K, ldx] and column c is X[:, c].
+void pack(const float* X, int64_t ldx, const int32_t* cols, int64_t first, int64_t n, int64_t width, int64_t K,
+          float* panel) {
+    if (n < width)
+        for (int64_t k = 0; k < K; ++k) memset(panel + k * width + n, 0, (width - n) * sizeof(float));
+    if (cols) {
+        for (int64_t c = 0; c < n; ++c) {
+            const float* row = X + (int64_t)cols[first + c] * ldx;
+            for (int64_t k = 0; k < K; ++k) panel[k * width + c] = row[k];
+        }
+    } else {
+        for (int64_t k = 0; k < K; ++k) memcpy(panel + k * width, X + k * ldx + first, n * sizeof(float));
+    }
+}
+
+// A group's columns in panels of at most 48, each 16, 32 or 48 wide: a group of 33 tokens costs 48 columns of
+// multiply-adds, not 64.
+struct Panel {
+    int64_t first, n;
+    int vectors;
+    float* data;
+};
+
+void run_group(const Job& j, int64_t g, float* buffer, Panel* panels, const float* following) {
+    const int64_t n = j.counts[g], s = j.starts[g];
+    const float* W = j.W + j.experts[g] * j.w_stride;
+    int count = 0;
+    float* data = buffer;
+    for (int64_t done = 0; done < n; ++count) {
+        const int64_t left = n - done, take = left < kMaxWidth ? left : kMaxWidth;
+        const int vectors = (int)((take + 15) / 16);
+        panels[count] = Panel{s + done, take, vectors, data};
+        pack(j.X, j.ldx, j.cols, s + done, take, 16 * vectors, j.K, data);
+        data += j.K * 16 * vectors;
+        done += take;
+    }
+    alignas(64) float acc[kRows][kMaxWidth];
+    for (int64_t m = j.m0; m < j.m1; m += kRows) {
+        const int rows = (int)(j.m1 - m < kRows ? j.m1 - m : kRows);
+        // All of the group's panels against these rows while they are in cache.
+        for (int p = 0; p < count; ++p) {
+            const Panel& q = panels[p];
+            const float* next = p ? nullptr : (m + kRows < j.m1 ? W + (m + kRows) * j.K : following);
+            tile_any(q.vectors, rows, W + m * j.K, j.K, q.data, acc, next);
+            if (j.tokens) {
+                for (int64_t c = 0; c < q.n; ++c) {
+                    float* o = j.out + j.tokens[q.first + c] * j.ldo + m;
+                    for (int r = 0; r < rows; ++r) o[r] += acc[r][c];
+                }
+            } else {
+                for (int r = 0; r < rows; ++r) memcpy(j.C + (m + r) * j.ldc + q.first, acc[r], q.n * sizeof(float));
+            }
+        }
+    }
+}
+
+void* run_job(void* arg) {
+    Job& j = *static_cast<Job*>(arg);
+    int64_t most = 0;
+    for (int64_t g = 0; g < j.groups; ++g) most = j.counts[g] > most ? j.counts[g] : most;
+    const int64_t most_panels = (most + kMaxWidth - 1) / kMaxWidth;
+    const int64_t bytes = (most_panels * kMaxWidth * j.K * (int64_t)sizeof(float) + 63) / 64 * 64;
+    float* buffer = static_cast<float*>(aligned_alloc(64, bytes + 64));
+    Panel* panels = static_cast<Panel*>(malloc((most_panels + 1) * sizeof(Panel)));
+    if (!buffer || !panels) {
+        free(buffer);
+        free(panels);
+        j.status = 1;
+        return nullptr;
+    }
+    if (j.m0 < j.m1)
+        for (int64_t g = 0; g < j.groups; ++g) {
+            if (j.counts[g] <= 0) continue;
+            int64_t h = g + 1;
+            while (h < j.groups && j.counts[h] <= 0) ++h;
+            const float* following = h < j.groups ? j.W + j.experts[h] * j.w_stride + j.m0 * j.K : nullptr;
+            run_group(j, g, buffer, panels, following);
+        }
+    free(buffer);
+    free(panels);
+    return nullptr;
+}
+
+}  // namespace
+
+extern "C" int q3o_grouped_gemm(const float* W, int64_t w_stride, int64_t M, int64_t K, const int64_t* experts,
+                                const int64_t* starts, const int64_t* counts, int64_t groups, const float* X,
+                                int64_t ldx, const int32_t* cols, float* C, int64_t ldc, float* out, int64_t ldo,
+                                const int64_t* tokens, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    Job jobs[64];
+    pthread_t ids[64];
+    bool started[64] = {false};
+    const int64_t tiles = (M + kRows - 1) / kRows;
+    for (int t = 0; t < threads; ++t) {
+        jobs[t] = Job{W, w_stride, M, K, experts, starts, counts, groups, X, ldx, cols, C, ldc, out, ldo, tokens,
+                      0, 0, 0};
+        const int64_t a = tiles * t / threads, b = tiles * (t + 1) / threads;
+        jobs[t].m0 = a * kRows;
+        jobs[t].m1 = b * kRows < M ? b * kRows : M;
+    }
+    for (int t = 1; t < threads; ++t) started[t] = pthread_create(&ids[t], nullptr, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    int status = jobs[0].status;
+    for (int t = 1; t < threads; ++t) {
+        if (started[t]) {
+            pthread_join(ids[t], nullptr);
+            status |= jobs[t].status;
+        } else {
+            run_job(&jobs[t]);  // no thread could be started: do its rows here
+            status |= jobs[t].status;
+        }
+    }
+    return status;
+}
