@@ -206,7 +206,7 @@ needs_kernel = pytest.mark.skipif(not KERNEL, reason="the native CPU kernel need
 @pytest.mark.parametrize(
     "E,H,inner,N,k,skew",
     [
-        (16, 64, 32, 200, 4, True),  # groups of ~160 tokens: three full 48-column panels and a 16-wide tail
+        (16, 64, 32, 300, 4, True),  # groups of ~240 tokens: five 48-column panels, in two chunks of four and one
         (8, 30, 13, 37, 3, False),  # rows not a multiple of the 8-row tile, odd widths, 16/32/48-wide panels
         (128, 48, 24, 9, 8, False),  # most experts idle, groups of one or two tokens
     ],

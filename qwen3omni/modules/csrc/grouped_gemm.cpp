@@ -1,15 +1,19 @@
 // Grouped float32 matrix products for the mixture-of-experts prefill on x86 CPUs with AVX-512.
 //
-// For each group g (an expert e and the run of `counts[g]` token columns starting at `starts[g]`):
-//     Y[m, p] = sum_k W_e[m, k] * X[k, col(p)]      for m in [0, M), p in the group's columns,
-// where W_e = W + e * w_stride is row-major [M, K] (the stored expert weight, read as it is) and X is
-// column-per-token [K, *]: col(p) = cols[p] when `cols` is given (gathered), else p.
+// For each group g (an expert e and the run of `counts[g]` columns starting at `starts[g]`):
+//     Y[m, p] = sum_k W_e[m, k] * x_p[k]      for m in [0, M), p in the group's columns,
+// where W_e = W + e * w_stride is row-major [M, K] (the stored expert weight, read as it is), and x_p is
+// row cols[p] of a token-major X [N, K] when `cols` is given, else column p of a feature-major X [K, ld].
 // Y either goes to C[m, p] (row stride ldc) or is added to out[tokens[p], m] (row stride ldo).
 //
-// Why: BLAS packs the weight before multiplying it by the ~32 tokens an expert gets at prefill, so streaming
-// 4.8 GB of expert weights and computing do not overlap (measured: 1.22 ms per expert cold, 0.74 hot). Here
-// the weight is read straight from memory, one broadcast value at a time, against the group's tokens packed
-// into an L2-resident panel of 32 columns; the hardware prefetchers stream the weight rows under the FMAs.
+// Why: at prefill an expert gets a few dozen tokens, and BLAS copies (packs) each weight block before
+// multiplying it, so streaming the weights and computing take turns. Measured here (2 threads, real widths,
+// 128 experts x 32 tokens): the products of one layer take 212 ms with BLAS, 130 ms when the weights are
+// already in cache, and the difference is exactly the 2.4 GB of weights at the machine's bandwidth. This kernel
+// reads each weight value once, straight from memory, and multiplies it (broadcast) by a panel of the group's
+// tokens packed in L2; the hardware prefetchers stream the weight rows under the multiply-adds, and the next
+// tile's rows are prefetched explicitly (a jump they cannot predict). A prefill MoE layer takes ~190 ms
+// instead of ~290 ms.
 //
 // Rows are split between `threads` POSIX threads; each writes only its own rows of Y (or its own columns of
 // `out`), so the result does not depend on the thread count, and each token's groups are summed in group order.
@@ -22,7 +26,7 @@
 
 namespace {
 
-constexpr int kRows = 8;     // weight rows per tile
+constexpr int kRows = 8;       // weight rows per tile
 constexpr int kMaxWidth = 48;  // token columns per panel: up to three 16-float vectors (24 accumulators)
 
 struct Job {
@@ -103,34 +107,24 @@ void pack(const float* X, int64_t ldx, const int32_t* cols, int64_t first, int64
     }
 }
 
-// A group's columns in panels of at most 48, each 16, 32 or 48 wide: a group of 33 tokens costs 48 columns of
-// multiply-adds, not 64.
+// A group's columns go in panels of at most 48, each 16, 32 or 48 wide (a group of 33 tokens costs 48 columns
+// of multiply-adds, not 64), and the panels in chunks of at most four: a chunk (up to 1.5 MB at K = 2048) stays
+// in L2 while each weight tile runs over all of it, and the buffer does not grow with the group.
+constexpr int kChunk = 4;
+
 struct Panel {
     int64_t first, n;
     int vectors;
     float* data;
 };
 
-void run_group(const Job& j, int64_t g, float* buffer, Panel* panels, const float* following) {
-    const int64_t n = j.counts[g], s = j.starts[g];
-    const float* W = j.W + j.experts[g] * j.w_stride;
-    int count = 0;
-    float* data = buffer;
-    for (int64_t done = 0; done < n; ++count) {
-        const int64_t left = n - done, take = left < kMaxWidth ? left : kMaxWidth;
-        const int vectors = (int)((take + 15) / 16);
-        panels[count] = Panel{s + done, take, vectors, data};
-        pack(j.X, j.ldx, j.cols, s + done, take, 16 * vectors, j.K, data);
-        data += j.K * 16 * vectors;
-        done += take;
-    }
+void run_chunk(const Job& j, const float* W, const Panel* panels, int count, const float* after) {
     alignas(64) float acc[kRows][kMaxWidth];
     for (int64_t m = j.m0; m < j.m1; m += kRows) {
         const int rows = (int)(j.m1 - m < kRows ? j.m1 - m : kRows);
-        // All of the group's panels against these rows while they are in cache.
         for (int p = 0; p < count; ++p) {
             const Panel& q = panels[p];
-            const float* next = p ? nullptr : (m + kRows < j.m1 ? W + (m + kRows) * j.K : following);
+            const float* next = p ? nullptr : (m + kRows < j.m1 ? W + (m + kRows) * j.K : after);
             tile_any(q.vectors, rows, W + m * j.K, j.K, q.data, acc, next);
             if (j.tokens) {
                 for (int64_t c = 0; c < q.n; ++c) {
@@ -144,30 +138,42 @@ void run_group(const Job& j, int64_t g, float* buffer, Panel* panels, const floa
     }
 }
 
+// `following`: where the next group's rows start (prefetched during this group's last tile).
+void run_group(const Job& j, int64_t g, float* buffer, const float* following) {
+    const int64_t n = j.counts[g], s = j.starts[g];
+    const float* W = j.W + j.experts[g] * j.w_stride;
+    Panel panels[kChunk];
+    for (int64_t done = 0; done < n;) {
+        int count = 0;
+        float* data = buffer;
+        for (; count < kChunk && done < n; ++count) {
+            const int64_t left = n - done, take = left < kMaxWidth ? left : kMaxWidth;
+            const int vectors = (int)((take + 15) / 16);
+            panels[count] = Panel{s + done, take, vectors, data};
+            pack(j.X, j.ldx, j.cols, s + done, take, 16 * vectors, j.K, data);
+            data += j.K * 16 * vectors;
+            done += take;
+        }
+        run_chunk(j, W, panels, count, done < n ? W + j.m0 * j.K : following);
+    }
+}
+
 void* run_job(void* arg) {
     Job& j = *static_cast<Job*>(arg);
-    int64_t most = 0;
-    for (int64_t g = 0; g < j.groups; ++g) most = j.counts[g] > most ? j.counts[g] : most;
-    const int64_t most_panels = (most + kMaxWidth - 1) / kMaxWidth;
-    const int64_t bytes = (most_panels * kMaxWidth * j.K * (int64_t)sizeof(float) + 63) / 64 * 64;
-    float* buffer = static_cast<float*>(aligned_alloc(64, bytes + 64));
-    Panel* panels = static_cast<Panel*>(malloc((most_panels + 1) * sizeof(Panel)));
-    if (!buffer || !panels) {
-        free(buffer);
-        free(panels);
+    if (j.m0 >= j.m1) return nullptr;
+    const int64_t bytes = kChunk * kMaxWidth * j.K * (int64_t)sizeof(float);
+    float* buffer = static_cast<float*>(aligned_alloc(64, (bytes + 63) / 64 * 64));
+    if (!buffer) {
         j.status = 1;
         return nullptr;
     }
-    if (j.m0 < j.m1)
-        for (int64_t g = 0; g < j.groups; ++g) {
-            if (j.counts[g] <= 0) continue;
-            int64_t h = g + 1;
-            while (h < j.groups && j.counts[h] <= 0) ++h;
-            const float* following = h < j.groups ? j.W + j.experts[h] * j.w_stride + j.m0 * j.K : nullptr;
-            run_group(j, g, buffer, panels, following);
-        }
+    for (int64_t g = 0; g < j.groups; ++g) {
+        if (j.counts[g] <= 0) continue;
+        int64_t h = g + 1;
+        while (h < j.groups && j.counts[h] <= 0) ++h;
+        run_group(j, g, buffer, h < j.groups ? j.W + j.experts[h] * j.w_stride + j.m0 * j.K : nullptr);
+    }
     free(buffer);
-    free(panels);
     return nullptr;
 }
 
