@@ -9,6 +9,8 @@ by O(1) (checked below so the comparison cannot pass vacuously).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -266,6 +268,20 @@ def test_cpu_kernel_build_failure_falls_back(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="could not be built"):
         assert cpu_kernels.grouped_gemm() is None
     assert list(tmp_path.iterdir()) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.grouped_gemm() is None  # remembered: no second build, no second warning
     ex = experts()
     with torch.no_grad():
         assert ex.strategy(torch.randn(9, 32), routing(9, 8, 2)) == "sorted"
+
+
+def test_cpu_kernel_cache_falls_back_to_a_temp_folder(monkeypatch, tmp_path):
+    """A cache home that cannot be created (a file in its way, as with a read-only home) gives a per-user
+    folder in the temp directory instead of failing the build."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.delenv("QWEN3OMNI_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert cpu_kernels.cache_dir().parent == tmp_path / "tmp"

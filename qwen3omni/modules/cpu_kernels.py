@@ -33,10 +33,19 @@ _loaded: dict[str, object] = {}
 
 
 def cache_dir() -> Path:
+    """`$QWEN3OMNI_CACHE_DIR`, else `~/.cache/qwen3omni` (or under `$XDG_CACHE_HOME`); a per-user folder in the
+    temp directory where that one cannot be created or written (a read-only home, say)."""
     root = os.environ.get("QWEN3OMNI_CACHE_DIR")
     if root:
         return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen3omni"
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3omni"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"qwen3omni-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def _compiler() -> str | None:
@@ -83,13 +92,16 @@ def _load():
 
 
 def grouped_gemm():
-    """The kernel's entry point (a ctypes function), or None where it cannot run here."""
-    if not ENABLED or torch.backends.cpu.get_cpu_capability() != "AVX512":
+    """The kernel's entry point (a ctypes function), or None where it cannot run here. The first call on a
+    machine builds it (a second or two); later calls return what the first one found."""
+    if not ENABLED:
         return None
-    with _lock:
-        if "grouped_gemm" not in _loaded:
-            _loaded["grouped_gemm"] = _load()
-        return _loaded["grouped_gemm"]
+    if "grouped_gemm" not in _loaded:
+        with _lock:
+            if "grouped_gemm" not in _loaded:
+                avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+                _loaded["grouped_gemm"] = _load() if avx512 else None
+    return _loaded["grouped_gemm"]
 
 
 def _ptr(t: torch.Tensor | None):
