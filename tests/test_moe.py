@@ -229,6 +229,22 @@ def test_cpu_kernel_matches_reference_at_awkward_sizes(E, H, inner, N, k, skew):
 
 
 @needs_kernel
+def test_cpu_kernel_in_token_slices_equals_one_call():
+    """Long prefills go through the kernel a slice of tokens at a time (bounded temporaries): same result."""
+    ex = experts(E=16, H=64, inner=40, seed=4)
+    ex.dispatch = "cpu_kernel"
+    r = routing(70, 16, 4, seed=5)
+    x = torch.randn(70, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        whole = ex(x, r)
+        ex.kernel_tokens = 16  # 5 slices, the last one short
+        sliced = ex(x, r)
+        want = moe_reference(ex, x, r)
+    assert torch.equal(whole, sliced)
+    assert rel_err(sliced, want) < TOL
+
+
+@needs_kernel
 def test_cpu_kernel_does_not_depend_on_the_thread_count():
     """Threads split the weight rows; every output element is summed in the same order whatever their number."""
     ex = experts(E=16, H=64, inner=40, seed=1)

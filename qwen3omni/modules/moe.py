@@ -206,12 +206,25 @@ class Experts(nn.Module):
             start += n
         return out
 
+    # Tokens per native-kernel call: bounds its [2I, tokens * k] temporaries (200 MB at the released widths);
+    # an expert gets ~tokens * k / E of them, enough to keep the products compute-bound.
+    kernel_tokens = 4096
+
     def _cpu_kernel(self, x_NH, routing):
         if not cpu_kernel_usable(x_NH, self.gate_up_proj, self.down_proj):
             raise InputError(
                 "dispatch: 'cpu_kernel' needs float32 CPU tensors, no gradient, and the native kernel "
                 f"(AVX-512 and a C++ compiler; see qwen3omni.modules.cpu_kernels); got {x_NH.dtype} on {x_NH.device}"
             )
+        x = x_NH.contiguous()
+        out = torch.zeros_like(x)
+        for start in range(0, x.shape[0], self.kernel_tokens):
+            rows = slice(start, start + self.kernel_tokens)
+            part = Routing(routing.logits[rows], routing.weights[rows], routing.experts[rows])
+            self._cpu_kernel_rows(x[rows], part, out[rows])
+        return out
+
+    def _cpu_kernel_rows(self, x_NH, routing, out_NH):
         E = self.gate_up_proj.shape[0]
         k = routing.experts.shape[1]
         ids = routing.experts.flatten()
@@ -220,15 +233,12 @@ class Experts(nn.Module):
         counts = torch.bincount(ids, minlength=E)
         active = counts.nonzero().flatten()
         groups = (active, (counts.cumsum(0) - counts)[active], counts[active])
-        x = x_NH.contiguous()
         # [2I, P]: one column per (token, expert) pair in expert order, gathered from x's rows by the kernel.
-        gate_up = cpu_kernels.grouped_products(self.gate_up_proj, groups, x, cols=token.int(), width=ids.numel())
+        gate_up = cpu_kernels.grouped_products(self.gate_up_proj, groups, x_NH, cols=token.int(), width=ids.numel())
         gate, up = gate_up.chunk(2, dim=0)
         h_IP = self.act(gate).mul_(up).mul_(routing.weights.flatten()[order])
-        out = torch.zeros_like(x)
         # Each group's outputs are added to its tokens' rows, groups in ascending expert order (as "sorted").
-        cpu_kernels.grouped_products(self.down_proj, groups, h_IP, out=out, tokens=token)
-        return out
+        cpu_kernels.grouped_products(self.down_proj, groups, h_IP, out=out_NH, tokens=token)
 
     def _grouped_mm(self, x_NH, routing):
         N, k = routing.experts.shape
