@@ -125,6 +125,8 @@ def grouped_products(
     """
     fn = grouped_gemm()
     E, M, K = weight_EMK.shape
+    if cols is not None and x.shape[0] * x.stride(0) >= 2**31:
+        raise ValueError(f"x: at most 2**31 elements when gathered by cols (int32 offsets), got {tuple(x.shape)}")
     experts, starts, counts = groups
     c = None if out is not None else torch.empty(M, width, dtype=x.dtype)
     status = fn(

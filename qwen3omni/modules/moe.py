@@ -208,7 +208,7 @@ class Experts(nn.Module):
 
     # Tokens per native-kernel call: bounds its [2I, tokens * k] temporaries (200 MB at the released widths);
     # an expert gets ~tokens * k / E of them, enough to keep the products compute-bound.
-    kernel_tokens = 4096
+    kernel_tokens = 4096  # also keeps the kernel's int32 gather offsets (token * H) far below 2**31
 
     def _cpu_kernel(self, x_NH, routing):
         if not cpu_kernel_usable(x_NH, self.gate_up_proj, self.down_proj):
