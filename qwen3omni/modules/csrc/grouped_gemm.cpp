@@ -12,8 +12,9 @@
 // already in cache, and the difference is exactly the 2.4 GB of weights at the machine's bandwidth. This kernel
 // reads each weight value once, straight from memory, and multiplies it (broadcast) by a panel of the group's
 // tokens packed in L2; the hardware prefetchers stream the weight rows under the multiply-adds, and the next
-// tile's rows are prefetched explicitly (a jump they cannot predict). A prefill MoE layer takes ~190 ms
-// instead of ~290 ms.
+// tile's rows are prefetched explicitly (a jump they cannot predict). A prefill MoE layer takes ~180 ms
+// instead of ~290 ms (2 threads). Measured on 2 cores only: each thread packs every group's panels for itself
+// (~3 + 6 ms per layer), which is repeated work on many-core machines.
 //
 // Rows are split between `threads` POSIX threads; each writes only its own rows of Y (or its own columns of
 // `out`), so the result does not depend on the thread count, and each token's groups are summed in group order.
