@@ -273,6 +273,19 @@ def test_cpu_kernel_refuses_what_it_cannot_run():
         ex(torch.randn(6, 32).bfloat16(), Routing(r.logits, r.weights.bfloat16(), r.experts))
 
 
+@needs_kernel
+def test_cpu_kernel_rejects_an_expert_id_out_of_range():
+    from qwen3omni.errors import InputError
+
+    ex = experts()  # 8 experts
+    ex.dispatch = "cpu_kernel"
+    r = routing(6, 8, 2)
+    bad = r.experts.clone()
+    bad[3, 1] = 8
+    with torch.no_grad(), pytest.raises(InputError, match=r"routing.experts: expected ids in \[0, 8\), got 8"):
+        ex(torch.randn(6, 32), Routing(r.logits, r.weights, bad))
+
+
 def test_cpu_kernel_build_failure_falls_back(monkeypatch, tmp_path):
     """A compiler that fails gives a warning and no kernel (the MoE keeps its torch path); nothing half-written
     is left in the cache."""

@@ -230,7 +230,9 @@ class Experts(nn.Module):
         ids = routing.experts.flatten()
         order = torch.argsort(ids, stable=True)
         token = order // k
-        counts = torch.bincount(ids, minlength=E)
+        counts = torch.bincount(ids, minlength=E)  # (raises for a negative id)
+        if counts.numel() > E:  # the kernel would read past the stacked weights
+            raise InputError(f"routing.experts: expected ids in [0, {E}), got {int(ids.max())}")
         active = counts.nonzero().flatten()
         groups = (active, (counts.cumsum(0) - counts)[active], counts[active])
         # [2I, P]: one column per (token, expert) pair in expert order, gathered from x's rows by the kernel.
