@@ -115,20 +115,21 @@ def grouped_products(
     cols: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     tokens: torch.Tensor | None = None,
-    width: int | None = None,
+    columns: int | None = None,
 ) -> torch.Tensor | None:
-    """Per group (expert e, columns [start, start + n)): weight[e] @ the group's columns of x.
+    """Per group (expert e, columns [start, start + n)): weight[e] @ the group's columns, each a row of x.
 
-    `groups` = (experts, starts, counts), int64. With `cols` (int32), x is token-major [N, K] and column p is
-    x[cols[p]]; without, x is [K, ld] and column p is x[:, p]. The products go to a new [M, width] tensor
-    (returned), or with `out` and `tokens` are added to out[tokens[p]] ([N, M], nothing returned).
+    `groups` = (experts, starts, counts), int64. Column p is x[cols[p]] with `cols` (int32), else x[p]. The
+    products go to a new [columns, M] tensor (returned), or with `out` and `tokens` are added to out[tokens[p]]
+    ([N, M], nothing returned).
     """
     fn = grouped_gemm()
     E, M, K = weight_EMK.shape
-    if cols is not None and x.shape[0] * x.stride(0) >= 2**31:
-        raise ValueError(f"x: at most 2**31 elements when gathered by cols (int32 offsets), got {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if x.shape[0] * x.stride(0) >= 2**31:
+        raise ValueError(f"x: at most 2**31 elements (the kernel's offsets are int32), got {tuple(x.shape)}")
     experts, starts, counts = groups
-    c = None if out is not None else torch.empty(M, width, dtype=x.dtype)
+    c = None if out is not None else torch.empty(columns, M, dtype=x.dtype)
     status = fn(
         weight_EMK.data_ptr(), weight_EMK.stride(0), M, K, experts.data_ptr(), starts.data_ptr(), counts.data_ptr(),
         experts.numel(), x.data_ptr(), x.stride(0), _ptr(cols), _ptr(c), 0 if c is None else c.stride(0),

@@ -208,7 +208,7 @@ class Experts(nn.Module):
 
     # Tokens per native-kernel call: bounds its [2I, tokens * k] temporaries (200 MB at the released widths);
     # an expert gets ~tokens * k / E of them, enough to keep the products compute-bound.
-    kernel_tokens = 4096  # also keeps the kernel's int32 gather offsets (token * H) far below 2**31
+    kernel_tokens = 4096  # also keeps the kernel's int32 gather offsets (rows * width) far below 2**31
 
     def _cpu_kernel(self, x_NH, routing):
         if not cpu_kernel_usable(x_NH, self.gate_up_proj, self.down_proj):
@@ -235,12 +235,12 @@ class Experts(nn.Module):
             raise InputError(f"routing.experts: expected ids in [0, {E}), got {int(ids.max())}")
         active = counts.nonzero().flatten()
         groups = (active, (counts.cumsum(0) - counts)[active], counts[active])
-        # [2I, P]: one column per (token, expert) pair in expert order, gathered from x's rows by the kernel.
-        gate_up = cpu_kernels.grouped_products(self.gate_up_proj, groups, x_NH, cols=token.int(), width=ids.numel())
-        gate, up = gate_up.chunk(2, dim=0)
-        h_IP = self.act(gate).mul_(up).mul_(routing.weights.flatten()[order])
+        # [P, 2I]: one row per (token, expert) pair in expert order, the kernel gathering the tokens from x.
+        gate_up = cpu_kernels.grouped_products(self.gate_up_proj, groups, x_NH, cols=token.int(), columns=ids.numel())
+        gate, up = gate_up.chunk(2, dim=1)
+        h_PI = self.act(gate).mul_(up).mul_(routing.weights.flatten()[order].unsqueeze(1))
         # Each group's outputs are added to its tokens' rows, groups in ascending expert order (as "sorted").
-        cpu_kernels.grouped_products(self.down_proj, groups, h_IP, out=out_NH, tokens=token)
+        cpu_kernels.grouped_products(self.down_proj, groups, h_PI, out=out_NH, tokens=token)
 
     def _grouped_mm(self, x_NH, routing):
         N, k = routing.experts.shape

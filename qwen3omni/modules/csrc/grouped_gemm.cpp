@@ -2,9 +2,9 @@
 //
 // For each group g (an expert e and the run of `counts[g]` columns starting at `starts[g]`):
 //     Y[m, p] = sum_k W_e[m, k] * x_p[k]      for m in [0, M), p in the group's columns,
-// where W_e = W + e * w_stride is row-major [M, K] (the stored expert weight, read as it is), and x_p is
-// row cols[p] of a token-major X [N, K] when `cols` is given, else column p of a feature-major X [K, ld].
-// Y either goes to C[m, p] (row stride ldc) or is added to out[tokens[p], m] (row stride ldo).
+// where W_e = W + e * w_stride is row-major [M, K] (the stored expert weight, read as it is), and x_p is row
+// cols[p] of X (one row per token, row stride ldx) when `cols` is given, else row p.
+// Y either goes to C[p, m] (row stride ldc) or is added to out[tokens[p], m] (row stride ldo).
 //
 // Why: at prefill an expert gets a few dozen tokens, and BLAS copies (packs) each weight block before
 // multiplying it, so streaming the weights and computing take turns. Measured here (2 threads, real widths,
@@ -14,7 +14,7 @@
 // tokens packed in L2; the hardware prefetchers stream the weight rows under the multiply-adds, and the next
 // tile's rows are prefetched explicitly (a jump they cannot predict). A prefill MoE layer takes ~180 ms
 // instead of ~290 ms (2 threads). Measured on 2 cores only: each thread packs every group's panels for itself
-// (~3 + 6 ms per layer), which is repeated work on many-core machines.
+// (~3 + 1.3 ms per layer at those sizes), work that is repeated per thread on many-core machines.
 //
 // Rows are split between `threads` POSIX threads; each writes only its own rows of Y (or its own columns of
 // `out`), so the result does not depend on the thread count, and each token's groups are summed in group order.
@@ -92,28 +92,22 @@ void tile_any(int vectors, int rows, const float* w, int64_t K, const float* pan
 }
 
 // Columns [first, first + n) as one compact panel[k, c] of `width` columns (zero beyond n), so a tile reads its
-// operand from L1/L2 rather than from K scattered rows. With `cols`, X holds one row per token (row stride ldx)
-// and column c is X[cols[c], :]; without, X is [K, ldx] and column c is X[:, c].
+// operand from L1/L2 rather than from n scattered rows. Column c is X's row cols[first + c] (or first + c);
+// 16 rows are read at a time, one gather per k, so the rows' current cache lines stay in L1 for 16 steps of k.
+// (Element offsets are int32: the caller keeps X's rows * ldx below 2^31.)
 void pack(const float* X, int64_t ldx, const int32_t* cols, int64_t first, int64_t n, int64_t width, int64_t K,
           float* panel) {
-    if (cols) {
-        // 16 token rows at a time, one gather per k: the rows' current cache lines stay in L1 for 16 steps of k.
-        // (Element offsets are int32: the caller keeps tokens * ldx below 2^31.)
-        for (int64_t c0 = 0; c0 < width; c0 += 16) {
-            int32_t offsets[16] = {0};
-            const int64_t valid = n - c0 < 0 ? 0 : (n - c0 < 16 ? n - c0 : 16);
-            for (int64_t c = 0; c < valid; ++c) offsets[c] = (int32_t)(cols[first + c0 + c] * ldx);
-            const __m512i idx = _mm512_loadu_si512(offsets);
-            const __mmask16 mask = (__mmask16)((1u << valid) - 1u);
-            for (int64_t k = 0; k < K; ++k)
-                _mm512_storeu_ps(panel + k * width + c0,
-                                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, X + k, 4));
+    for (int64_t c0 = 0; c0 < width; c0 += 16) {
+        int32_t offsets[16] = {0};
+        const int64_t valid = n - c0 < 0 ? 0 : (n - c0 < 16 ? n - c0 : 16);
+        for (int64_t c = 0; c < valid; ++c) {
+            const int64_t row = cols ? cols[first + c0 + c] : first + c0 + c;
+            offsets[c] = (int32_t)(row * ldx);
         }
-    } else {
-        for (int64_t k = 0; k < K; ++k) {
-            memcpy(panel + k * width, X + k * ldx + first, n * sizeof(float));
-            memset(panel + k * width + n, 0, (width - n) * sizeof(float));
-        }
+        const __m512i idx = _mm512_loadu_si512(offsets);
+        const __mmask16 mask = (__mmask16)((1u << valid) - 1u);
+        for (int64_t k = 0; k < K; ++k)
+            _mm512_storeu_ps(panel + k * width + c0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, X + k, 4));
     }
 }
 
@@ -142,7 +136,10 @@ void run_chunk(const Job& j, const float* W, const Panel* panels, int count, con
                     for (int r = 0; r < rows; ++r) o[r] += acc[r][c];
                 }
             } else {
-                for (int r = 0; r < rows; ++r) memcpy(j.C + (m + r) * j.ldc + q.first, acc[r], q.n * sizeof(float));
+                for (int64_t c = 0; c < q.n; ++c) {
+                    float* o = j.C + (q.first + c) * j.ldc + m;
+                    for (int r = 0; r < rows; ++r) o[r] = acc[r][c];
+                }
             }
         }
     }
