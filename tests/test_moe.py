@@ -228,13 +228,17 @@ def test_cpu_kernel_matches_reference_at_awkward_sizes(E, H, inner, N, k, skew):
     assert rel_err(got.roll(1, 0), want) > 0.1  # another token's output is far off
 
 
+def kernel_case(seed: int):
+    """16 experts, 70 tokens top-4 (groups of ~17, 2 panels of 16 and more): experts, routing and input."""
+    ex = experts(E=16, H=64, inner=40, seed=seed)
+    ex.dispatch = "cpu_kernel"
+    return ex, routing(70, 16, 4, seed=seed + 1), torch.randn(70, 64, generator=torch.Generator().manual_seed(seed))
+
+
 @needs_kernel
 def test_cpu_kernel_in_token_slices_equals_one_call():
     """Long prefills go through the kernel a slice of tokens at a time (bounded temporaries): same result."""
-    ex = experts(E=16, H=64, inner=40, seed=4)
-    ex.dispatch = "cpu_kernel"
-    r = routing(70, 16, 4, seed=5)
-    x = torch.randn(70, 64, generator=torch.Generator().manual_seed(6))
+    ex, r, x = kernel_case(4)
     with torch.no_grad():
         whole = ex(x, r)
         ex.kernel_tokens = 16  # 5 slices, the last one short
@@ -247,10 +251,7 @@ def test_cpu_kernel_in_token_slices_equals_one_call():
 @needs_kernel
 def test_cpu_kernel_does_not_depend_on_the_thread_count():
     """Threads split the weight rows; every output element is summed in the same order whatever their number."""
-    ex = experts(E=16, H=64, inner=40, seed=1)
-    ex.dispatch = "cpu_kernel"
-    r = routing(70, 16, 4, seed=2)
-    x = torch.randn(70, 64, generator=torch.Generator().manual_seed(3))
+    ex, r, x = kernel_case(1)
     before = torch.get_num_threads()
     outs = []
     try:
