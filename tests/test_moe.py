@@ -229,7 +229,7 @@ def test_cpu_kernel_matches_reference_at_awkward_sizes(E, H, inner, N, k, skew):
 
 
 def kernel_case(seed: int):
-    """16 experts, 70 tokens top-4 (groups of ~17, 2 panels of 16 and more): experts, routing and input."""
+    """16 experts, 70 tokens top-4 (groups of ~17 tokens): experts, routing and input for the kernel."""
     ex = experts(E=16, H=64, inner=40, seed=seed)
     ex.dispatch = "cpu_kernel"
     return ex, routing(70, 16, 4, seed=seed + 1), torch.randn(70, 64, generator=torch.Generator().manual_seed(seed))
