@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -422,19 +423,46 @@ def workload_d(args, sz):
     mine, theirs = OurFrames(ours, prompt.to(args.ours_dtype)), ReferenceFrames(ref, prompt.to(args.dtype))
     t_ours, t_ref = U.compare(mine.step, theirs.step, args.warmup, args.repeats)
     same = all(torch.equal(a, b) for a, b in zip(mine.codes, theirs.codes))
-    # The parts of our frame: the 15-step code predictor alone.
+    # The parts of our frame: the 15-step code predictor alone, and the floor under it: its one-row products
+    # alone, run back to back on the same weights (what any implementation must stream per frame).
     cp = [U.timed(lambda: ours.predict_residual(mine.hidden, mine.code0, cache=mine.cp_cache, check_ids=False))
           for _ in range(args.repeats)]
+    floor, floor_bytes = predictor_products(ours.code_predictor)
+    floor_times = [U.timed(floor) for _ in range(args.repeats)]
     import statistics
 
+    floor_s = statistics.median(floor_times)
     U.report("D speech frame (talker step + code predictor)", "s/frame", t_ours, t_ref, same_codes=same,
-             ours_code_predictor_median=round(statistics.median(cp), 6), talker_layers=2,
+             ours_code_predictor_median=round(statistics.median(cp), 6),
+             predictor_products_alone_median=round(floor_s, 6),
+             predictor_bytes_per_frame_MB=round(floor_bytes / 1e6, 1),
+             reference_over_products_alone=round(statistics.median(t_ref) / floor_s, 3), talker_layers=2,
              predictor_layers=cfg["talker_config"]["code_predictor_config"]["num_hidden_layers"],
              reference_experts=U.experts_implementation(ref))
     if not args.no_compile:
         stacks = (ours.model, ours.code_predictor.model)
         for aot in (False, True):
             compiled_line("D", lambda aot=aot: workload_d_compiled(args, ours, ref, prompt, stacks, aot), stacks)
+
+
+def predictor_products(code_predictor):
+    """A function running the one-row products of one frame's 15 code-predictor steps (every linear layer of the
+    stack per step, then that step's head) on the model's own weights, with nothing between them; and the bytes
+    they read."""
+    import torch.nn.functional as F
+
+    linears = [m.weight for layer in code_predictor.model.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    heads = [h.weight for h in code_predictor.lm_head]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in linears + heads}
+
+    def run():
+        for head in heads:
+            for w in linears:
+                F.linear(inputs[w.shape[1]], w)
+            F.linear(inputs[head.shape[1]], head)
+
+    size = sum(w.numel() * w.element_size() for w in linears) * len(heads)
+    return run, size + sum(h.numel() * h.element_size() for h in heads)
 
 
 def workload_d_compiled(args, ours, ref, prompt, stacks, ahead_of_time=False):
