@@ -12,6 +12,7 @@ Only safetensors files are read; nothing is unpickled and no code from the folde
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -30,6 +31,11 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, InputError, MissingFileError
+
+try:
+    import fcntl  # folder locks for the staging cleanup (POSIX)
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 INDEX_FILE = "model.safetensors.index.json"
 _PREADV = hasattr(os, "preadv")  # positional reads: several threads can read one open file
@@ -476,13 +482,11 @@ def save_checkpoint(
 
     Everything goes into a temporary sibling folder that replaces `out_dir` only once complete, so an
     interrupted save leaves an existing checkpoint at `out_dir` as it was (a hard kill can leave the hidden
-    `.NAME.tmp-*` sibling behind; the next save of `out_dir` on that host deletes it, see `staging_dir`).
+    `.NAME.tmp-*` sibling behind; the next save of `out_dir` on that host deletes it, see `staging`).
     Everything else in an existing `out_dir` -- files and subfolders (tokenizer, chat template, logs) -- is kept;
     only the weights and index of an earlier save there are replaced. A symlinked `out_dir` is updated through
     the link.
     """
-    from safetensors.torch import save_file
-
     refuse_adapters(tensors)
     on_meta = [n for n, t in tensors.items() if t.is_meta]
     if on_meta:
@@ -492,7 +496,13 @@ def save_checkpoint(
         )
     limit = parse_size(max_shard_size)
     out_dir = prepare_out_dir(out_dir)
-    tmp = staging_dir(out_dir)
+    with staging(out_dir) as tmp:
+        _write_checkpoint(tensors, tmp, out_dir, config, limit, extra_files)
+
+
+def _write_checkpoint(tensors, tmp: Path, out_dir: Path, config: dict, limit: int, extra_files) -> None:
+    from safetensors.torch import save_file
+
     try:
         groups = _shards(tensors, limit)
         weight_map = {}
@@ -533,22 +543,76 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
-def staging_dir(out_dir: Path) -> Path:
-    """A fresh hidden sibling of `out_dir` to write a save into: `.NAME.tmp-HOST-PID-XXXXXXXX`.
+@contextlib.contextmanager
+def staging(out_dir: Path):
+    """A fresh hidden sibling of `out_dir` to write a save into, `.NAME.tmp-HOST-PID-XXXXXXXX`, locked (an
+    exclusive `flock` on the folder) until the block ends.
 
     A save killed hard (OOM killer, preemption) cannot delete its staging folder, nor, once it has swapped the
     new folder in, the old one (`.NAME.old-HOST-PID-*`), and either holds a full checkpoint, tens of GB. So
     each save first deletes the folders of both kinds that earlier saves of `out_dir` left on this host whose
     process has ended (the host and process id in the name tell; folders of live processes, of other hosts
-    sharing the filesystem, and of older versions without those fields are left alone). Only while `out_dir`
-    itself exists: a save killed between its two renames leaves `out_dir` missing, the old contents in the
-    `.old-` folder and the new ones in the staging folder, all kept for the user to recover.
+    sharing the filesystem, and of older versions without those fields are left alone). The lock covers what the
+    name cannot: two containers given the same host name see each other's process ids as ended, but a folder
+    whose save is still running stays locked, and a locked folder is never deleted. (Where folders cannot be
+    locked, the name decides alone.) Only while `out_dir` itself exists: a save killed between its two renames
+    leaves `out_dir` missing, the old contents in the `.old-` folder and the new ones in the staging folder, all
+    kept for the user to recover.
     """
     host, pid = _host_tag(), os.getpid()
     if out_dir.is_dir():
         for stale in _stale_staging_dirs(out_dir, host):
-            shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{host}-{pid}-", dir=out_dir.parent))
+            _delete_unless_locked(stale)
+    # Made under a name no cleanup matches, locked, then renamed: there is no moment at which another save
+    # could take it for a stale folder.
+    fresh = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-{host}-{pid}-", dir=out_dir.parent))
+    lock = _lock_folder(fresh, wait=True)
+    try:
+        tmp = fresh.with_name(fresh.name.replace(".new-", ".tmp-", 1))
+        os.replace(fresh, tmp)
+        yield tmp
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """`staging` without the lock: the cleaned-up parent and a fresh staging folder (kept for callers that
+    manage their own lifetime)."""
+    with staging(out_dir) as tmp:
+        return tmp
+
+
+def _lock_folder(folder: Path, wait: bool) -> int | None:
+    """An open descriptor of `folder` holding an exclusive flock on it (closing it releases the lock), or None
+    where this platform or filesystem cannot lock folders. Without `wait`, BlockingIOError if it is held."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # ENOLCK, EINVAL: no folder locks on this filesystem
+        os.close(fd)
+        return None
+    return fd
+
+
+def _delete_unless_locked(folder: Path) -> None:
+    try:
+        lock = _lock_folder(folder, wait=False)
+    except BlockingIOError:  # its save is running (in a process this one cannot see)
+        return
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _host_tag() -> str:
@@ -635,10 +699,18 @@ def _replace_dir(new: Path, target: Path) -> None:
         return
     backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_host_tag()}-{os.getpid()}-", dir=target.parent))
     backup.rmdir()
-    os.replace(target, backup)
+    try:  # the old folder stays locked under its backup name until it is deleted (see `staging`)
+        lock = _lock_folder(target, wait=False)
+    except BlockingIOError:  # a save still holds it: go on without (it is ours to replace either way)
+        lock = None
     try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+        os.replace(target, backup)
+        try:
+            os.replace(new, target)
+        except BaseException:
+            os.replace(backup, target)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        if lock is not None:
+            os.close(lock)

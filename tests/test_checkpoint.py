@@ -248,6 +248,52 @@ def test_a_hard_killed_save_is_cleaned_up_by_the_next_one(tmp_path):
     assert torch.equal(load_meta(tmp_path / "c").embed.weight, old.embed.weight)
 
 
+needs_flock = pytest.mark.skipif(ckpt.fcntl is None, reason="folder locks need fcntl (POSIX)")
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+@needs_flock
+def test_a_locked_staging_folder_survives_though_its_process_looks_ended(tmp_path):
+    """Two containers given the same host name: the other one's running save has a process id this one sees
+    as ended, but holds the lock on its staging folder, so the folder is kept; unlocked, the next save deletes it."""
+    old = random_synth()
+    write(old, tmp_path / "c")
+    theirs = tmp_path / f".c.tmp-{ckpt._host_tag()}-{dead_pid()}-abcd1234"
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"half-written")
+    lock = ckpt._lock_folder(theirs, wait=True)  # another open file description: flock makes them conflict
+    try:
+        write(old, tmp_path / "c")
+        assert (theirs / "model.safetensors").read_bytes() == b"half-written"
+    finally:
+        os.close(lock)
+    write(old, tmp_path / "c")
+    assert not theirs.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+@needs_flock
+def test_a_save_holds_its_staging_folder_locked(tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    seen = []
+
+    def checking_save(tensors, path, metadata=None):
+        with pytest.raises(BlockingIOError):
+            ckpt._lock_folder(Path(path).parent, wait=False)
+        seen.append(Path(path).parent.name)
+        return save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(st, "save_file", checking_save)
+    write(random_synth(), tmp_path / "c", shard_bytes=3000)
+    assert len(seen) > 1 and all(name.startswith(f".c.tmp-{ckpt._host_tag()}-{os.getpid()}-") for name in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_staging_folders_are_kept_while_the_checkpoint_folder_is_missing(tmp_path):
     # a save killed between its two renames: out_dir is gone and the staging folder holds the new files
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -24,7 +24,7 @@ from ..checkpoint import (
     is_weight_file,
     prepare_out_dir,
     refuse_adapters,
-    staging_dir,
+    staging,
 )
 from ..errors import CheckpointError
 
@@ -53,30 +53,30 @@ def merge_tensors(ours: dict[str, torch.Tensor], out_dir: str | Path, base: str 
             + (" ..." if len(missing) > 8 else "")
         )
     out_dir = prepare_out_dir(out_dir)
-    tmp = staging_dir(out_dir)
-    try:
-        for shard_path in sorted(set(files.values())):
-            shard = load_file(str(shard_path))
-            for name in shard:
-                if name not in ours:
-                    continue
-                new = ours[name]
-                if list(new.shape) != list(shard[name].shape):
-                    raise CheckpointError(
-                        f"save_merged: {name} has shape {list(new.shape)} in the model but "
-                        f"{list(shard[name].shape)} in {base}"
-                    )
-                shard[name] = new.detach().to("cpu", shard[name].dtype).contiguous().clone()
-            save_file(shard, str(tmp / shard_path.name), metadata={"format": "pt"})
-            del shard
-        for item in base.iterdir():  # config, index, tokenizer, templates: as in base
-            if item.is_file() and (item.name == INDEX_FILE or not is_weight_file(item.name)):
-                if not (tmp / item.name).exists():
-                    shutil.copy2(item, tmp / item.name)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staging(out_dir) as tmp:
+        try:
+            for shard_path in sorted(set(files.values())):
+                shard = load_file(str(shard_path))
+                for name in shard:
+                    if name not in ours:
+                        continue
+                    new = ours[name]
+                    if list(new.shape) != list(shard[name].shape):
+                        raise CheckpointError(
+                            f"save_merged: {name} has shape {list(new.shape)} in the model but "
+                            f"{list(shard[name].shape)} in {base}"
+                        )
+                    shard[name] = new.detach().to("cpu", shard[name].dtype).contiguous().clone()
+                save_file(shard, str(tmp / shard_path.name), metadata={"format": "pt"})
+                del shard
+            for item in base.iterdir():  # config, index, tokenizer, templates: as in base
+                if item.is_file() and (item.name == INDEX_FILE or not is_weight_file(item.name)):
+                    if not (tmp / item.name).exists():
+                        shutil.copy2(item, tmp / item.name)
+            commit_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @torch.no_grad()
