@@ -124,7 +124,7 @@ def grouped_products(
     ([N, M], nothing returned).
     """
     fn = grouped_gemm()
-    E, M, K = weight_EMK.shape
+    _, M, K = weight_EMK.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     if x.shape[0] * x.stride(0) >= 2**31:
         raise ValueError(f"x: at most 2**31 elements (the kernel's offsets are int32), got {tuple(x.shape)}")

@@ -58,7 +58,7 @@ _ONEDNN_LINEAR = _onednn_linear()
 CUDA_GEMV = os.environ.get("QWEN3OMNI_TRITON_GEMV", "1") != "0"
 
 
-def _cpu_autocast() -> bool:
+def cpu_autocast() -> bool:
     try:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4
@@ -80,7 +80,7 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_grad_enabled()
-        and not _cpu_autocast()
+        and not cpu_autocast()
     )
 
 
@@ -91,7 +91,7 @@ def _bf16_cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype == torch.bfloat16
         and weight.dim() == 2
         and not torch.is_grad_enabled()
-        and not _cpu_autocast()
+        and not cpu_autocast()
     )
 
 

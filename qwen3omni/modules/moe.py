@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import InputError
 from . import cpu_kernels
 from .activations import activation
+from .few_rows import cpu_autocast
 from .mlp import SwiGLU
 
 
@@ -83,10 +84,18 @@ def cpu_kernel_usable(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
         return False
     if torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad or down.requires_grad):
         return False
-    if torch.is_autocast_enabled("cpu"):
+    if cpu_autocast():
         return False
     rows_contiguous = all(w.stride(2) == 1 and w.stride(1) == w.shape[2] for w in (gate_up, down))
     return rows_contiguous and cpu_kernels.grouped_gemm() is not None
+
+
+def by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, choice) pairs sorted by expert, stably (each token keeps its place within a group): the
+    flat expert ids [P], the sorting permutation [P] and each sorted pair's token [P]. Device ops only."""
+    ids = routing.experts.flatten()
+    order = torch.argsort(ids, stable=True)
+    return ids, order, order // routing.experts.shape[1]
 
 
 def _times_transposed(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -183,10 +192,7 @@ class Experts(nn.Module):
         return torch.bmm(routing.weights.unsqueeze(1), y_PH.view(N, k, -1)).squeeze(1)
 
     def _sorted(self, x_NH, routing):
-        k = routing.experts.shape[1]
-        ids = routing.experts.flatten()
-        order = torch.argsort(ids, stable=True)
-        token = order // k
+        ids, order, token = by_expert(routing)
         scale = routing.weights.flatten()[order].unsqueeze(-1)
         counts = torch.bincount(ids, minlength=self.gate_up_proj.shape[0]).tolist()
         up, down = self.gate_up_proj, self.down_proj
@@ -226,10 +232,7 @@ class Experts(nn.Module):
 
     def _cpu_kernel_rows(self, x_NH, routing, out_NH):
         E = self.gate_up_proj.shape[0]
-        k = routing.experts.shape[1]
-        ids = routing.experts.flatten()
-        order = torch.argsort(ids, stable=True)
-        token = order // k
+        ids, order, token = by_expert(routing)
         counts = torch.bincount(ids, minlength=E)  # (raises for a negative id)
         if counts.numel() > E:  # the kernel would read past the stacked weights
             raise InputError(f"routing.experts: expected ids in [0, {E}), got {int(ids.max())}")
@@ -245,14 +248,13 @@ class Experts(nn.Module):
     def _grouped_mm(self, x_NH, routing):
         N, k = routing.experts.shape
         E = self.gate_up_proj.shape[0]
-        ids = routing.experts.flatten()
-        order = torch.argsort(ids, stable=True)
+        ids, order, token = by_expert(routing)
         # Group sizes by a scatter-add rather than bincount, which reads the largest id on the host.
         counts = torch.zeros(E, dtype=torch.int32, device=ids.device).scatter_add_(
             0, ids, torch.ones_like(ids, dtype=torch.int32)
         )
         offsets = counts.cumsum(0, dtype=torch.int32)
-        x_sorted = x_NH.index_select(0, order // k)
+        x_sorted = x_NH.index_select(0, token)
         h = self._swiglu(torch._grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offsets))
         y_sorted = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)
         # Back to (token, choice) order with a permutation (deterministic, unlike an atomic index_add), then the

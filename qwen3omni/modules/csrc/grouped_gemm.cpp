@@ -32,7 +32,7 @@ constexpr int kMaxWidth = 48;  // token columns per panel: up to three 16-float 
 
 struct Job {
     const float* W;
-    int64_t w_stride, M, K;
+    int64_t w_stride, K;
     const int64_t *experts, *starts, *counts;
     int64_t groups;
     const float* X;
@@ -197,7 +197,7 @@ extern "C" int q3o_grouped_gemm(const float* W, int64_t w_stride, int64_t M, int
     bool started[64] = {false};
     const int64_t tiles = (M + kRows - 1) / kRows;
     for (int t = 0; t < threads; ++t) {
-        jobs[t] = Job{W, w_stride, M, K, experts, starts, counts, groups, X, ldx, cols, C, ldc, out, ldo, tokens,
+        jobs[t] = Job{W, w_stride, K, experts, starts, counts, groups, X, ldx, cols, C, ldc, out, ldo, tokens,
                       0, 0, 0};
         const int64_t a = tiles * t / threads, b = tiles * (t + 1) / threads;
         jobs[t].m0 = a * kRows;
