@@ -576,13 +576,6 @@ def staging(out_dir: Path):
             os.close(lock)
 
 
-def staging_dir(out_dir: Path) -> Path:
-    """`staging` without the lock: the cleaned-up parent and a fresh staging folder (kept for callers that
-    manage their own lifetime)."""
-    with staging(out_dir) as tmp:
-        return tmp
-
-
 def _lock_folder(folder: Path, wait: bool) -> int | None:
     """An open descriptor of `folder` holding an exclusive flock on it (closing it releases the lock), or None
     where this platform or filesystem cannot lock folders. Without `wait`, BlockingIOError if it is held."""

@@ -296,13 +296,13 @@ def test_a_save_holds_its_staging_folder_locked(tmp_path, monkeypatch):
 
 def test_staging_folders_are_kept_while_the_checkpoint_folder_is_missing(tmp_path):
     # a save killed between its two renames: out_dir is gone and the staging folder holds the new files
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".c.tmp-{ckpt._host_tag()}-{int(dead.stdout)}-abcd1234"
+    stale = tmp_path / f".c.tmp-{ckpt._host_tag()}-{dead_pid()}-abcd1234"
     stale.mkdir()
-    staging = ckpt.staging_dir(tmp_path / "c")
-    assert stale.is_dir() and staging.name.startswith(f".c.tmp-{ckpt._host_tag()}-{os.getpid()}-")
+    with ckpt.staging(tmp_path / "c") as staging:
+        assert stale.is_dir() and staging.name.startswith(f".c.tmp-{ckpt._host_tag()}-{os.getpid()}-")
     (tmp_path / "c").mkdir()
-    ckpt.staging_dir(tmp_path / "c")
+    with ckpt.staging(tmp_path / "c"):
+        pass
     assert not stale.exists() and staging.is_dir()  # ours: this process is alive
 
 
