@@ -13,6 +13,7 @@ from qwen3omni.errors import InputError
 from qwen3omni.generation.sampling import SamplingConfig, warp
 from qwen3omni.model.code_predictor import CodePredictor, predictor_sampling
 from qwen3omni.model.omni import Qwen3Omni
+from qwen3omni.modules import cpu_kernels
 
 from reference import build_reference, max_rel_err, save_reference, tiny_config
 
@@ -248,3 +249,110 @@ def test_config_mirrors_released_counts():
     cfg = Qwen3OmniConfig.from_dict(tiny_config())
     model = CodePredictor(cfg.talker.code_predictor)
     assert len(model.lm_head) == len(model.model.codec_embedding) == cfg.talker.num_code_groups - 1
+
+
+# ---- the native step (`modules.dense_step`, `csrc/dense_step.cpp`) -----------------------------------------------
+NATIVE = cpu_kernels.dense_step() is not None  # AVX-512 and a C++ compiler (this project's CI machine has both)
+needs_native = pytest.mark.skipif(not NATIVE, reason="the native dense step needs AVX-512 and a C++ compiler")
+
+
+@needs_native
+@pytest.mark.parametrize("which", ["tiny", "variant"])
+@pytest.mark.parametrize("B", [1, 2])
+def test_native_step_matches_reference(which, B, request):
+    """Batches of 1 and 2 run every step natively; codes equal the reference's and logits stay within TOL (the
+    variant has 4 query heads per key head, another head_dim and theta). The torch path agrees to ~1e-6."""
+    pair = request.getfixturevalue(which)
+    hidden, layer0 = _frames(pair, B=B, seed=5)
+    with torch.no_grad():  # (predict runs without gradients; the native step only serves such calls)
+        assert pair.ours.native_step(pair.ours.new_cache(B)) is not None
+    ref = _reference_generate(pair, hidden, layer0, do_sample=False)
+    frame = pair.talker.predict_residual(hidden, layer0, return_logits=True)
+    assert torch.equal(frame.codes, ref.sequences)
+    ref_logits = torch.stack(ref.logits, dim=1)
+    for step in range(pair.ours.num_residual):
+        assert max_rel_err(frame.logits[:, step], ref_logits[:, step]) < TOL, step
+    assert len(set(frame.codes.flatten().tolist())) > frame.codes.numel() // 2
+    pair.ours.cpu_kernel = False
+    try:
+        with torch.no_grad():
+            assert pair.ours.native_step(pair.ours.new_cache(B)) is None
+        torch_path = pair.talker.predict_residual(hidden, layer0, return_logits=True)
+    finally:
+        pair.ours.cpu_kernel = True
+    assert torch.equal(frame.codes, torch_path.codes)
+    assert max_rel_err(frame.logits, torch_path.logits) < 1e-5
+
+
+@needs_native
+def test_native_step_is_thread_count_invariant(variant):
+    """Each output value is one dot product summed in one order, whichever thread computes it."""
+    hidden, layer0 = _frames(variant, B=2, seed=6)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            runs.append(variant.talker.predict_residual(hidden, layer0, return_logits=True).logits)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1])
+
+
+@needs_native
+def test_native_step_steps_aside(tiny):
+    """Hooks on the stack or a head, a batch of 3, bf16 weights, or `cpu_kernel = False` keep the torch path;
+    a hook then sees every layer call. (Without gradients, as `predict` runs.)"""
+    torch.set_grad_enabled(False)
+    try:
+        _check_native_steps_aside(tiny)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _check_native_steps_aside(tiny):
+    ours = tiny.ours
+    assert ours.native_step(ours.new_cache(3)) is None
+    seen = []
+    for module in (ours.model.layers[1].mlp.down_proj, ours.lm_head[4]):
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(1))
+        try:
+            assert ours.native_step(ours.new_cache(1)) is None
+            hidden, layer0 = _frames(tiny, B=1, seed=7)
+            tiny.talker.predict_residual(hidden, layer0)
+        finally:
+            handle.remove()
+    assert len(seen) == ours.num_residual + 1  # 15 layer calls, then one call of head 4
+    assert ours.native_step(ours.new_cache(1)) is not None
+    half = CodePredictor(ours.config).to(torch.bfloat16).eval()
+    assert half.native_step(half.new_cache(1)) is None
+
+
+@needs_native
+def test_native_step_rejects_bad_calls(tiny):
+    from qwen3omni.modules.dense_step import NativeDenseStep
+
+    with torch.no_grad():
+        native = NativeDenseStep.create(tiny.ours.model, tiny.ours.new_cache(1), 1)
+    C = tiny.hidden
+    with pytest.raises(ValueError, match=r"x_BTC: expected batch 1.*got 2x1 tokens at 0"):
+        native.step(torch.randn(2, 1, C), 0)
+    with pytest.raises(ValueError, match=r"x_BTC: .*got 1x1 tokens at 16"):
+        native.step(torch.randn(1, 1, C), 16)
+    with pytest.raises(ValueError, match=r"head: expected a contiguous float32 CPU weight"):
+        native.step(torch.randn(1, 1, C), 0, head=torch.randn(C, 8).t())
+
+
+def test_native_step_build_failure_falls_back(monkeypatch, tmp_path, tiny):
+    """A compiler that fails gives one warning and no kernel; frames then come from the torch path."""
+    hidden, layer0 = _frames(tiny, B=1, seed=8)
+    expected = tiny.talker.predict_residual(hidden, layer0).codes
+    monkeypatch.setenv("QWEN3OMNI_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "ENABLED", True)
+    monkeypatch.setattr(cpu_kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with pytest.warns(UserWarning, match="dense_step could not be built"), torch.no_grad():
+        assert tiny.ours.native_step(tiny.ours.new_cache(1)) is None
+    assert list(tmp_path.iterdir()) == []
+    assert torch.equal(tiny.talker.predict_residual(hidden, layer0).codes, expected)

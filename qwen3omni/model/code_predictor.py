@@ -23,6 +23,7 @@ from ..errors import InputError, describe
 from ..generation.sampling import SamplingConfig, choose
 from ..modules.attention import Attention
 from ..modules.decoder import DecoderLayer, DecoderStack
+from ..modules.dense_step import NativeDenseStep, hooked
 from ..modules.few_rows import FewRowLinear
 from ..modules.kv_cache import KVCache
 from ..modules.mlp import SwiGLU
@@ -96,6 +97,9 @@ class CodePredictor(nn.Module):
         self.lm_head = nn.ModuleList(
             FewRowLinear(cfg.hidden_size, cfg.vocab_size, bias=False) for _ in range(self.num_residual)
         )
+        # `predict` runs each step (every layer, then the head) as one native call where it can (float32 on an
+        # AVX-512 CPU, no hooks: see `native_step`); False keeps it on the torch path.
+        self.cpu_kernel = True
 
     def embed_residual(self, residual_codes: torch.Tensor) -> torch.Tensor:
         """[..., n] codes of codebooks 1..n (n <= G-1) -> [..., n, C], code c embedded by table c-1."""
@@ -144,8 +148,13 @@ class CodePredictor(nn.Module):
         codes = torch.empty(B, self.num_residual, dtype=torch.long, device=talker_hidden_BC.device)
         logits_all = [] if return_logits else None
         positions = torch.arange(G, device=talker_hidden_BC.device).view(1, 1, G).expand(1, B, G)
+        native = self.native_step(cache)
         for step in range(self.num_residual):
-            logits = self.step_logits(step, seq, positions, cache)
+            if native is not None:
+                start, width = (0, 2) if step == 0 else (step + 1, 1)
+                _, logits = native.step(seq[:, start : start + width], start, self.lm_head[step].weight)
+            else:
+                logits = self.step_logits(step, seq, positions, cache)
             code = choose(logits, sampling, generator)
             codes[:, step] = code
             seq[:, step + 2] = self.model.codec_embedding[step](code)
@@ -156,6 +165,16 @@ class CodePredictor(nn.Module):
             codec_embeds=seq[:, 1:],
             logits=torch.stack(logits_all, dim=1) if logits_all is not None else None,
         )
+
+    def native_step(self, cache: KVCache) -> NativeDenseStep | None:
+        """The native kernel for this frame's steps over `cache` (see `modules.dense_step`), or None where it
+        cannot stand in for `step_logits`: `cpu_kernel` off, not float32 inference on an AVX-512 CPU, a batch of
+        more than 2, or forward hooks on the stack or the heads (they would not run)."""
+        if not self.cpu_kernel or any(hooked(head) for head in self.lm_head):
+            return None
+        if any(head.weight.dtype != torch.float32 or not head.weight.is_contiguous() for head in self.lm_head):
+            return None
+        return NativeDenseStep.create(self.model, cache, cache.keys.shape[1])
 
     def step_logits(self, step: int, seq: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, V] of head `step` for the frame in `seq` [B, G+1, C] (see `predict`).

@@ -1,11 +1,14 @@
 """Native CPU kernels, compiled on first use with the system C++ compiler and loaded with ctypes.
 
-One kernel so far: `csrc/grouped_gemm.cpp`, the expert products of a float32 MoE prefill on x86 CPUs with
-AVX-512 (see its header for why BLAS is slow there). Nothing here is required: where there is no compiler, no
-AVX-512, or the build fails, `grouped_gemm()` returns None (the build failure is warned about once) and the
-MoE keeps its torch path. `QWEN3OMNI_CPU_KERNELS=0` turns the kernels off.
+Two kernels, both float32 on x86 CPUs with AVX-512 (each file's header says why torch is slow there):
+- `csrc/grouped_gemm.cpp`: the expert products of a MoE prefill (`grouped_gemm()`, used by `moe.Experts`);
+- `csrc/dense_step.cpp`: one decode step of a whole dense decoder stack, the code predictor's (`dense_step()`,
+  used by `dense_step.NativeDenseStep`).
+Nothing here is required: where there is no compiler, no AVX-512, or the build fails, `grouped_gemm()` and
+`dense_step()` return None (a build failure is warned about once) and the callers keep their torch paths.
+`QWEN3OMNI_CPU_KERNELS=0` turns the kernels off.
 
-The shared library is cached under `$QWEN3OMNI_CACHE_DIR` (default `~/.cache/qwen3omni`), named by a hash of
+Each shared library is cached under `$QWEN3OMNI_CACHE_DIR` (default `~/.cache/qwen3omni`), named by a hash of
 the source, the flags and the compiler's version, and written atomically (temp file, then rename), so
 concurrent first uses and interrupted builds never leave a broken library behind.
 """
@@ -24,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "grouped_gemm.cpp"
-FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fPIC", "-shared", "-pthread"]
+CSRC = Path(__file__).with_name("csrc")
+FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fPIC", "-shared", "-pthread", "-fopenmp"]
 ENABLED = os.environ.get("QWEN3OMNI_CPU_KERNELS", "1") != "0"
 
 _lock = threading.Lock()
@@ -55,17 +58,18 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, name: str) -> Path:
+    source = CSRC / f"{name}.cpp"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"grouped_gemm-{digest}.so"
+    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip()[-2000:])
         os.replace(tmp, target)
@@ -75,33 +79,65 @@ def _build(compiler: str) -> Path:
     return target
 
 
-def _load():
+def _load(name: str, argtypes: list):
     compiler = _compiler()
     if compiler is None:
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, name)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"qwen3omni: the CPU MoE kernel could not be built ({err}); using the torch path", stacklevel=3)
+        warnings.warn(f"qwen3omni: the CPU kernel {name} could not be built ({err}); using the torch path",
+                      stacklevel=4)
         return None
-    fn = lib.q3o_grouped_gemm
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, i64, p, p, p, i64, p, i64, p, p, i64, p, i64, p, ctypes.c_int]
+    fn = getattr(lib, f"q3o_{name}")
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn
 
 
-def grouped_gemm():
-    """The kernel's entry point (a ctypes function), or None where it cannot run here. The first call on a
-    machine builds it (a second or two); later calls return what the first one found."""
+def _kernel(name: str, argtypes: list):
+    """The entry point of kernel `name` (a ctypes function), or None where it cannot run here. The first call on
+    a machine builds it (a second or two); later calls return what the first one found."""
     if not ENABLED:
         return None
-    if "grouped_gemm" not in _loaded:
+    if name not in _loaded:
         with _lock:
-            if "grouped_gemm" not in _loaded:
+            if name not in _loaded:
                 avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-                _loaded["grouped_gemm"] = _load() if avx512 else None
-    return _loaded["grouped_gemm"]
+                _loaded[name] = _load(name, argtypes) if avx512 else None
+    return _loaded[name]
+
+
+_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+
+
+def grouped_gemm():
+    """`csrc/grouped_gemm.cpp`'s entry point, or None where it cannot run here."""
+    return _kernel("grouped_gemm", [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p,
+                                    ctypes.c_int])
+
+
+class DenseLayer(ctypes.Structure):
+    """`Q3oDenseLayer` of `csrc/dense_step.cpp`: one layer's weights."""
+
+    _fields_ = [(name, _p) for name in (
+        "input_norm", "q", "k", "v", "q_norm", "k_norm", "o", "post_norm", "gate", "up", "down")]
+
+
+class DenseStep(ctypes.Structure):
+    """`Q3oDenseStep` of `csrc/dense_step.cpp`: one call's widths, weights, cache and rows."""
+
+    _fields_ = [
+        *[(n, _i64) for n in ("layers", "C", "H", "Hk", "D", "I")], ("eps", ctypes.c_float),
+        ("layer", ctypes.POINTER(DenseLayer)), ("keys", _p), ("values", _p), ("B", _i64), ("capacity", _i64),
+        ("start", _i64), ("T", _i64), ("cos", _p), ("sin", _p), ("x", _p), ("final_norm", _p), ("out", _p),
+        ("head", _p), ("V", _i64), ("logits", _p), ("threads", ctypes.c_int),
+    ]
+
+
+def dense_step():
+    """`csrc/dense_step.cpp`'s entry point (takes a pointer to a `DenseStep`), or None where it cannot run here."""
+    return _kernel("dense_step", [ctypes.POINTER(DenseStep)])
 
 
 def _ptr(t: torch.Tensor | None):
