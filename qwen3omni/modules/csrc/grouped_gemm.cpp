@@ -16,11 +16,12 @@
 // instead of ~290 ms (2 threads). Measured on 2 cores only: each thread packs every group's panels for itself
 // (~3 + 1.3 ms per layer at those sizes), work that is repeated per thread on many-core machines.
 //
-// Rows are split between `threads` POSIX threads; each writes only its own rows of Y (or its own columns of
-// `out`), so the result does not depend on the thread count, and each token's groups are summed in group order.
+// Rows are split between `threads` OpenMP threads, torch's own (see dense_step.cpp for why); each writes only its
+// own rows of Y (or its own columns of `out`), so the result does not depend on the thread count, and each
+// token's groups are summed in group order.
 
 #include <immintrin.h>
-#include <pthread.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,14 +166,13 @@ void run_group(const Job& j, int64_t g, float* buffer, const float* following) {
     }
 }
 
-void* run_job(void* arg) {
-    Job& j = *static_cast<Job*>(arg);
-    if (j.m0 >= j.m1) return nullptr;
+void run_job(Job& j) {
+    if (j.m0 >= j.m1) return;
     const int64_t bytes = kChunk * kMaxWidth * j.K * (int64_t)sizeof(float);
     float* buffer = static_cast<float*>(aligned_alloc(64, (bytes + 63) / 64 * 64));
     if (!buffer) {
         j.status = 1;
-        return nullptr;
+        return;
     }
     for (int64_t g = 0; g < j.groups; ++g) {
         if (j.counts[g] <= 0) continue;
@@ -181,7 +181,7 @@ void* run_job(void* arg) {
         run_group(j, g, buffer, h < j.groups ? j.W + j.experts[h] * j.w_stride + j.m0 * j.K : nullptr);
     }
     free(buffer);
-    return nullptr;
+    return;
 }
 
 }  // namespace
@@ -192,28 +192,18 @@ extern "C" int q3o_grouped_gemm(const float* W, int64_t w_stride, int64_t M, int
                                 const int64_t* tokens, int threads) {
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
-    Job jobs[64];
-    pthread_t ids[64];
-    bool started[64] = {false};
     const int64_t tiles = (M + kRows - 1) / kRows;
-    for (int t = 0; t < threads; ++t) {
-        jobs[t] = Job{W, w_stride, K, experts, starts, counts, groups, X, ldx, cols, C, ldc, out, ldo, tokens,
-                      0, 0, 0};
-        const int64_t a = tiles * t / threads, b = tiles * (t + 1) / threads;
-        jobs[t].m0 = a * kRows;
-        jobs[t].m1 = b * kRows < M ? b * kRows : M;
-    }
-    for (int t = 1; t < threads; ++t) started[t] = pthread_create(&ids[t], nullptr, run_job, &jobs[t]) == 0;
-    run_job(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < threads; ++t) {
-        if (started[t]) {
-            pthread_join(ids[t], nullptr);
-            status |= jobs[t].status;
-        } else {
-            run_job(&jobs[t]);  // no thread could be started: do its rows here
-            status |= jobs[t].status;
-        }
+    int status = 0;
+#pragma omp parallel num_threads(threads) reduction(| : status)
+    {
+        // the team may be smaller than asked for (nested in another parallel region, say): rows follow it
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        Job job{W, w_stride, K, experts, starts, counts, groups, X, ldx, cols, C, ldc, out, ldo, tokens, 0, 0, 0};
+        const int64_t a = tiles * t / n, b = tiles * (t + 1) / n;
+        job.m0 = a * kRows;
+        job.m1 = b * kRows < M ? b * kRows : M;
+        run_job(job);
+        status |= job.status;
     }
     return status;
 }
