@@ -21,7 +21,8 @@ workload: the reference at the requested size, ours sharing its tensors (see _be
   C  thinker decode at 48 layers with small widths (hidden 256, 128 experts x 64, top-8, 4/2 heads); then again
      with our compiled decode step, and with it built ahead of time (`compile_decoding(ahead_of_time=True)`)
   D  one speech frame: the 15-step code predictor (5 layers, hidden 1024) + a talker step (2 layers, real
-     widths); then again with our compiled decode steps, torch.compile'd and built ahead of time
+     widths); then again with our compiled decode steps, torch.compile'd and built ahead of time. On an AVX-512
+     CPU our predictor runs each step natively (`ours_predictor_step`); the line also times its torch path
   E  Code2Wav at the real config: 100 frames offline; per-frame cost of the streaming decoder vs re-decoding
      25 frames of left context for each new frame (what a chunked streamer without state must do)
   F  peak resident memory while loading a multi-GB synthetic sharded checkpoint (bf16, 3.7 GB), ours vs the
@@ -425,8 +426,11 @@ def workload_d(args, sz):
     same = all(torch.equal(a, b) for a, b in zip(mine.codes, theirs.codes))
     # The parts of our frame: the 15-step code predictor alone, and the floor under it: its one-row products
     # alone, run back to back on the same weights (what any implementation must stream per frame).
-    cp = [U.timed(lambda: ours.predict_residual(mine.hidden, mine.code0, cache=mine.cp_cache, check_ids=False))
-          for _ in range(args.repeats)]
+    predict = lambda: ours.predict_residual(mine.hidden, mine.code0, cache=mine.cp_cache, check_ids=False)  # noqa: E731
+    cp = [U.timed(predict) for _ in range(args.repeats)]
+    ours.code_predictor.cpu_kernel = False  # the same frames on the torch path, for the native step's share
+    cp_torch = [U.timed(predict) for _ in range(args.repeats)]
+    ours.code_predictor.cpu_kernel = True
     floor, floor_bytes = predictor_products(ours.code_predictor)
     floor_times = [U.timed(floor) for _ in range(args.repeats)]
     import statistics
@@ -434,6 +438,8 @@ def workload_d(args, sz):
     floor_s = statistics.median(floor_times)
     U.report("D speech frame (talker step + code predictor)", "s/frame", t_ours, t_ref, same_codes=same,
              ours_code_predictor_median=round(statistics.median(cp), 6),
+             ours_predictor_step=predictor_step(ours, mine),
+             ours_code_predictor_torch_path_median=round(statistics.median(cp_torch), 6),
              predictor_products_alone_median=round(floor_s, 6),
              predictor_bytes_per_frame_MB=round(floor_bytes / 1e6, 1),
              reference_over_products_alone=round(statistics.median(t_ref) / floor_s, 3), talker_layers=2,
@@ -443,6 +449,12 @@ def workload_d(args, sz):
         stacks = (ours.model, ours.code_predictor.model)
         for aot in (False, True):
             compiled_line("D", lambda aot=aot: workload_d_compiled(args, ours, ref, prompt, stacks, aot), stacks)
+
+
+def predictor_step(talker, frames) -> str:
+    """How our code predictor ran its steps: "native" (one call per step, `modules.dense_step`) or "torch" (the
+    kernel cannot run here, or stepped aside), so a silent fallback shows in the line."""
+    return "native" if talker.code_predictor.native_step(frames.cp_cache) is not None else "torch"
 
 
 def predictor_products(code_predictor):
@@ -477,7 +489,7 @@ def workload_d_compiled(args, ours, ref, prompt, stacks, ahead_of_time=False):
     t_ours, t_ref = U.compare(mine.step, theirs.step, args.warmup, args.repeats)
     same = all(torch.equal(a, b) for a, b in zip(mine.codes, theirs.codes))
     U.report("D speech frame, ours compiled" + AOT_TAG[ahead_of_time], "s/frame", t_ours, t_ref, same_codes=same,
-             compile_seconds=round(compile_s, 1),
+             compile_seconds=round(compile_s, 1), ours_predictor_step=predictor_step(ours, mine),
              reference_experts=U.experts_implementation(ref), **aot_fields(stacks, ahead_of_time))
 
 
