@@ -1,9 +1,9 @@
 """`NativeDenseStep`: few-token decode steps of a dense decoder stack through the native kernel (CPU, float32).
 
 The code predictor runs 15 steps of its 5-layer stack per speech frame. In torch each layer step is ~25 small
-operations whose fixed costs add up to about as much as streaming the weights (measured at the real widths, 2
-threads: the 15 steps took 251 ms, their one-row products alone 166 ms). `csrc/dense_step.cpp` runs a whole
-step, every layer, in one call (see its header). It is used only where it computes exactly what the torch
+operations whose fixed costs add ~85 ms per frame to the 161 ms its one-row products take alone (real widths,
+2 threads: 240 ms a frame); natively the 15 steps take 165 ms (`scripts/bench.py -w D`). `csrc/dense_step.cpp`
+runs a whole step, every layer, in one call (see its header). It is used only where it computes what the torch
 path computes, up to float32 summation order: see `NativeDenseStep.usable`.
 """
 
