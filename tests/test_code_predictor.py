@@ -285,6 +285,25 @@ def test_native_step_matches_reference(which, B, request):
 
 
 @needs_native
+@pytest.mark.parametrize("which", ["tiny", "variant"])
+def test_native_step_avx2_build_matches_reference(which, request, monkeypatch):
+    """The AVX2 build (8-float vectors), which CPUs without AVX-512 get, runs here too (this CPU has both): its
+    codes equal the reference's and its logits stay within TOL. The MoE kernel has no AVX2 build."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu_kernels.grouped_gemm() is None
+    pair = request.getfixturevalue(which)
+    hidden, layer0 = _frames(pair, B=2, seed=9)
+    with torch.no_grad():
+        assert pair.ours.native_step(pair.ours.new_cache(2)) is not None
+    ref = _reference_generate(pair, hidden, layer0, do_sample=False)
+    frame = pair.talker.predict_residual(hidden, layer0, return_logits=True)
+    assert torch.equal(frame.codes, ref.sequences)
+    assert max_rel_err(frame.logits, torch.stack(ref.logits, dim=1)) < TOL
+    assert cpu_kernels._loaded["dense_step"] is not None  # the AVX2 build ran these frames
+
+
+@needs_native
 def test_native_step_is_thread_count_invariant(variant):
     """Each output value is one dot product summed in one order, whichever thread computes it."""
     hidden, layer0 = _frames(variant, B=2, seed=6)

@@ -7,7 +7,7 @@ codebook. Step s (0-based) uses head `lm_head[s]` and yields code s+1; code s+1 
 `codec_embedding[s]`. So code c (1..15) comes from head c-1 and is embedded by table c-1.
 
 At inference it runs 15 times per frame, so `predict` is a fixed Python loop over a preallocated cache of
-`num_code_groups` positions with no host syncs. In float32 on an AVX-512 CPU each step (every layer, then the
+`num_code_groups` positions with no host syncs. In float32 on an AVX-512 or AVX2 CPU each step (every layer, then the
 head) is one native call (`modules.dense_step`), about a third faster than the torch path there.
 `teacher_forced_logits` computes all heads of many frames in one pass for training.
 """
@@ -99,7 +99,7 @@ class CodePredictor(nn.Module):
             FewRowLinear(cfg.hidden_size, cfg.vocab_size, bias=False) for _ in range(self.num_residual)
         )
         # `predict` runs each step (every layer, then the head) as one native call where it can (float32 on an
-        # AVX-512 CPU, no hooks: see `native_step`); False keeps it on the torch path.
+        # AVX-512 or AVX2 CPU, no hooks: see `native_step`); False keeps it on the torch path.
         self.cpu_kernel = True
 
     def embed_residual(self, residual_codes: torch.Tensor) -> torch.Tensor:
@@ -169,8 +169,8 @@ class CodePredictor(nn.Module):
 
     def native_step(self, cache: KVCache) -> NativeDenseStep | None:
         """The native kernel for this frame's steps over `cache` (see `modules.dense_step`), or None where it
-        cannot stand in for `step_logits`: `cpu_kernel` off, not float32 inference on an AVX-512 CPU, a batch of
-        more than 2, or forward hooks on the stack or the heads (they would not run)."""
+        cannot stand in for `step_logits`: `cpu_kernel` off, not float32 inference on an AVX-512 or AVX2 CPU, a
+        batch of more than 2, or forward hooks on the stack or the heads (they would not run)."""
         if not self.cpu_kernel or any(hooked(head) for head in self.lm_head):
             return None
         if any(head.weight.dtype != torch.float32 or not head.weight.is_contiguous() for head in self.lm_head):

@@ -1,11 +1,14 @@
 """Native CPU kernels, compiled on first use with the system C++ compiler and loaded with ctypes.
 
-Two kernels, both float32 on x86 CPUs with AVX-512 (each file's header says why torch is slow there):
-- `csrc/grouped_gemm.cpp`: the expert products of a MoE prefill (`grouped_gemm()`, used by `moe.Experts`);
+Two kernels, both float32 on x86 CPUs (each file's header says why torch is slow there):
+- `csrc/grouped_gemm.cpp`: the expert products of a MoE prefill (`grouped_gemm()`, used by `moe.Experts`),
+  for AVX-512;
 - `csrc/dense_step.cpp`: one decode step of a whole dense decoder stack, the code predictor's (`dense_step()`,
-  used by `dense_step.NativeDenseStep`).
-Nothing here is required: where there is no compiler, no AVX-512, or the build fails, `grouped_gemm()` and
-`dense_step()` return None (a build failure is warned about once) and the callers keep their torch paths.
+  used by `dense_step.NativeDenseStep`), for AVX-512 or AVX2 with FMA (a build per instruction set).
+Each is built for the instruction set torch reports for this CPU (`torch.backends.cpu.get_cpu_capability()`).
+Nothing here is required: where there is no compiler, no instruction set a kernel supports, or the build fails,
+`grouped_gemm()` and `dense_step()` return None (a build failure is warned about once) and the callers keep
+their torch paths.
 `QWEN3OMNI_CPU_KERNELS=0` turns the kernels off.
 
 Each shared library is cached under `$QWEN3OMNI_CACHE_DIR` (default `~/.cache/qwen3omni`), named by a hash of
@@ -28,7 +31,10 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mfma", "-fPIC", "-shared", "-pthread", "-fopenmp"]
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fopenmp"]
+# The instruction sets each kernel is built for, by torch's name for the CPU's (torch.backends.cpu).
+ISA_FLAGS = {"AVX512": ["-mavx512f", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
+KERNEL_ISAS = {"grouped_gemm": ("AVX512",), "dense_step": ("AVX512", "AVX2")}
 ENABLED = os.environ.get("QWEN3OMNI_CPU_KERNELS", "1") != "0"
 
 _lock = threading.Lock()
@@ -58,18 +64,19 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(compiler: str, name: str) -> Path:
+def _build(compiler: str, name: str, isa: str) -> Path:
     source = CSRC / f"{name}.cpp"
+    flags = FLAGS + ISA_FLAGS[isa]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"{name}-{digest}.so"
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{isa.lower()}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip()[-2000:])
         os.replace(tmp, target)
@@ -79,12 +86,12 @@ def _build(compiler: str, name: str) -> Path:
     return target
 
 
-def _load(name: str, argtypes: list):
+def _load(name: str, isa: str, argtypes: list):
     compiler = _compiler()
     if compiler is None:
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler, name)))
+        lib = ctypes.CDLL(str(_build(compiler, name, isa)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         warnings.warn(f"qwen3omni: the CPU kernel {name} could not be built ({err}); using the torch path",
                       stacklevel=4)
@@ -103,8 +110,8 @@ def _kernel(name: str, argtypes: list):
     if name not in _loaded:
         with _lock:
             if name not in _loaded:
-                avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-                _loaded[name] = _load(name, argtypes) if avx512 else None
+                isa = torch.backends.cpu.get_cpu_capability()
+                _loaded[name] = _load(name, isa, argtypes) if isa in KERNEL_ISAS[name] else None
     return _loaded[name]
 
 

@@ -1,4 +1,5 @@
-// One decode step of a dense float32 decoder stack (the code predictor's) on x86 CPUs with AVX-512.
+// One decode step of a dense float32 decoder stack (the code predictor's) on x86 CPUs with AVX-512, or AVX2 and
+// FMA (the same source built with -mavx2 -mfma: 8-float vectors instead of 16).
 //
 // The step runs every layer for a few new tokens (rows), in one call:
 //     x += o(attention(rope(q_norm(q(n))), rope(k_norm(k(n))), v(n)))   with n = rms_norm(x) * input_norm
@@ -49,6 +50,27 @@ struct Q3oDenseStep {
 
 namespace {
 
+// The vector width: the build's instruction set picks it.
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+#else
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) {
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+}
+#endif
+
 // The threads are OpenMP's. Built with -fopenmp against libgomp.so.1, the kernel shares the OpenMP runtime torch
 // has already loaded (torch's wheels bundle libgomp.so.1), so its threads are the ones torch's operations just
 // used. Threads of our own would compete with those for the cores while they spin-wait after each torch
@@ -72,31 +94,31 @@ struct Worker {
 };
 
 inline float dot(const float* a, const float* b, int64_t n) {
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t k = 0; k < n; k += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), sum);
-    return _mm512_reduce_add_ps(sum);
+    Vec sum = vzero();
+    for (int64_t k = 0; k < n; k += kLanes) sum = vfma(vload(a + k), vload(b + k), sum);
+    return vsum(sum);
 }
 
 // y[r][j] = W[j] . x[r] for the n rows j of W and R rows of x. Four weight rows at a time: four memory
-// streams for the prefetchers and 4R independent accumulators. K is a multiple of 16.
+// streams for the prefetchers and 4R independent accumulators. K is a multiple of kLanes.
 template <int R>
 void products(const float* W, int64_t K, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy) {
     int64_t j = 0;
     for (; j + kBlock <= n; j += kBlock) {
         const float* w = W + j * K;
-        __m512 acc[kBlock][R];
+        Vec acc[kBlock][R];
         for (int i = 0; i < kBlock; ++i)
-            for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) {
-            __m512 xv[R];
-            for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * ldx + k);
+            for (int r = 0; r < R; ++r) acc[i][r] = vzero();
+        for (int64_t k = 0; k < K; k += kLanes) {
+            Vec xv[R];
+            for (int r = 0; r < R; ++r) xv[r] = vload(x + r * ldx + k);
             for (int i = 0; i < kBlock; ++i) {
-                const __m512 wv = _mm512_loadu_ps(w + i * K + k);
-                for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(wv, xv[r], acc[i][r]);
+                const Vec wv = vload(w + i * K + k);
+                for (int r = 0; r < R; ++r) acc[i][r] = vfma(wv, xv[r], acc[i][r]);
             }
         }
         for (int i = 0; i < kBlock; ++i)
-            for (int r = 0; r < R; ++r) y[r * ldy + j + i] = _mm512_reduce_add_ps(acc[i][r]);
+            for (int r = 0; r < R; ++r) y[r * ldy + j + i] = vsum(acc[i][r]);
     }
     for (; j < n; ++j)
         for (int r = 0; r < R; ++r) y[r * ldy + j] = dot(W + j * K, x + r * ldx, K);
@@ -123,14 +145,12 @@ void share(const Worker& w, int64_t n, int64_t* a, int64_t* b) {
 
 // dst[i] = src[i] / rms(src) * weight[i], in float32 (as torch's RMSNorm: normalise, then scale).
 void rms_norm(const float* src, const float* weight, int64_t n, float eps, float* dst) {
-    double sq = 0.0;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-        const __m512 v = _mm512_loadu_ps(src + i);
-        acc = _mm512_fmadd_ps(v, v, acc);
+    Vec acc = vzero();
+    for (int64_t i = 0; i < n; i += kLanes) {
+        const Vec v = vload(src + i);
+        acc = vfma(v, v, acc);
     }
-    sq = _mm512_reduce_add_ps(acc);
-    const float inv = 1.0f / sqrtf(static_cast<float>(sq) / static_cast<float>(n) + eps);
+    const float inv = 1.0f / sqrtf(vsum(acc) / static_cast<float>(n) + eps);
     for (int64_t i = 0; i < n; ++i) dst[i] = (src[i] * inv) * weight[i];
 }
 
