@@ -70,10 +70,8 @@ def _reference_generate(pair: Pair, hidden, layer0, **kw):
         )
 
 
-@pytest.mark.parametrize("which", ["tiny", "variant"])
-def test_greedy_codes_and_step_logits_match_reference(which, request):
-    pair = request.getfixturevalue(which)
-    hidden, layer0 = _frames(pair)
+def _greedy_frame_matches_reference(pair: Pair, hidden, layer0):
+    """Our greedy frame for these rows and the reference's: equal codes, each step's logits within TOL."""
     ref = _reference_generate(pair, hidden, layer0, do_sample=False)
     frame = pair.talker.predict_residual(hidden, layer0, return_logits=True)
     assert torch.equal(frame.codes, ref.sequences)
@@ -82,6 +80,14 @@ def test_greedy_codes_and_step_logits_match_reference(which, request):
         assert max_rel_err(frame.logits[:, step], ref_logits[:, step]) < TOL, step
     # codes differ across rows and steps: the fixture is not degenerate
     assert len(set(frame.codes.flatten().tolist())) > frame.codes.numel() // 2
+    return frame, ref
+
+
+@pytest.mark.parametrize("which", ["tiny", "variant"])
+def test_greedy_codes_and_step_logits_match_reference(which, request):
+    pair = request.getfixturevalue(which)
+    hidden, layer0 = _frames(pair)
+    frame, ref = _greedy_frame_matches_reference(pair, hidden, layer0)
     # the embedding the next talker step consumes, as the reference's prepare_inputs_for_generation sums it
     mid = [h[0] for h in ref.hidden_states[1:]]
     last = pair.ref.code_predictor.get_input_embeddings()[-1](ref.sequences[:, -1:])
@@ -266,13 +272,7 @@ def test_native_step_matches_reference(which, B, request):
     hidden, layer0 = _frames(pair, B=B, seed=5)
     with torch.no_grad():  # (predict runs without gradients; the native step only serves such calls)
         assert pair.ours.native_step(pair.ours.new_cache(B)) is not None
-    ref = _reference_generate(pair, hidden, layer0, do_sample=False)
-    frame = pair.talker.predict_residual(hidden, layer0, return_logits=True)
-    assert torch.equal(frame.codes, ref.sequences)
-    ref_logits = torch.stack(ref.logits, dim=1)
-    for step in range(pair.ours.num_residual):
-        assert max_rel_err(frame.logits[:, step], ref_logits[:, step]) < TOL, step
-    assert len(set(frame.codes.flatten().tolist())) > frame.codes.numel() // 2
+    frame, _ = _greedy_frame_matches_reference(pair, hidden, layer0)
     pair.ours.cpu_kernel = False
     try:
         with torch.no_grad():
@@ -296,10 +296,7 @@ def test_native_step_avx2_build_matches_reference(which, request, monkeypatch):
     hidden, layer0 = _frames(pair, B=2, seed=9)
     with torch.no_grad():
         assert pair.ours.native_step(pair.ours.new_cache(2)) is not None
-    ref = _reference_generate(pair, hidden, layer0, do_sample=False)
-    frame = pair.talker.predict_residual(hidden, layer0, return_logits=True)
-    assert torch.equal(frame.codes, ref.sequences)
-    assert max_rel_err(frame.logits, torch.stack(ref.logits, dim=1)) < TOL
+    _greedy_frame_matches_reference(pair, hidden, layer0)
     assert cpu_kernels._loaded["dense_step"] is not None  # the AVX2 build ran these frames
 
 
