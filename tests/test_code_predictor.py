@@ -14,6 +14,7 @@ from qwen3omni.generation.sampling import SamplingConfig, warp
 from qwen3omni.model.code_predictor import CodePredictor, predictor_sampling
 from qwen3omni.model.omni import Qwen3Omni
 from qwen3omni.modules import cpu_kernels
+from qwen3omni.modules.mlp import SwiGLU
 
 from reference import build_reference, max_rel_err, save_reference, tiny_config
 
@@ -317,8 +318,9 @@ def test_native_step_is_thread_count_invariant(variant):
 
 @needs_native
 def test_native_step_steps_aside(tiny):
-    """Hooks on the stack or a head, a batch of 3, bf16 weights, or `cpu_kernel = False` keep the torch path;
-    a hook then sees every layer call. (Without gradients, as `predict` runs.)"""
+    """Hooks on the stack or a head, a batch of 3, bf16 weights, a padded cache, layers of unequal widths, or
+    `cpu_kernel = False` keep the torch path; a hook then sees every layer call. (Without gradients, as
+    `predict` runs.)"""
     torch.set_grad_enabled(False)
     try:
         _check_native_steps_aside(tiny)
@@ -342,6 +344,12 @@ def _check_native_steps_aside(tiny):
     assert ours.native_step(ours.new_cache(1)) is not None
     half = CodePredictor(ours.config).to(torch.bfloat16).eval()
     assert half.native_step(half.new_cache(1)) is None
+    padded = ours.new_cache(1)
+    padded.has_padding = True
+    assert ours.native_step(padded) is None
+    other = CodePredictor(ours.config).eval()  # one layer with a wider MLP: the kernel takes one set of widths
+    other.model.layers[1].mlp = SwiGLU(ours.config.hidden_size, 2 * ours.config.intermediate_size)
+    assert other.native_step(other.new_cache(1)) is None
 
 
 @needs_native

@@ -37,6 +37,11 @@ def _plain_layer(layer: nn.Module) -> bool:
     return all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in layer.parameters())
 
 
+def _widths(layer: nn.Module) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.num_heads, attn.num_kv_heads, attn.head_dim, tuple(mlp.gate_proj.weight.shape))
+
+
 def hooked(module: nn.Module) -> bool:
     """Forward hooks anywhere in `module` (or global ones): they must see the torch path's module calls."""
     glob = nn.modules.module
@@ -83,28 +88,33 @@ class NativeDenseStep:
     def usable(stack: nn.Module, batch: int, dtype: torch.dtype, device) -> bool:
         """Whether steps of `batch` rows can run natively: the kernel is built, float32 inference on the CPU
         (no gradients, no autocast), a plain rotary table, every layer plain (see `_plain_layer`) with the
-        norms' epsilon the same, and no forward hooks in the stack."""
+        same widths and the norms' epsilon the same, and no forward hooks in the stack."""
         if cpu_kernels.dense_step() is None or torch.is_grad_enabled() or cpu_autocast():
             return False
         if dtype != torch.float32 or torch.device(device).type != "cpu" or not 1 <= batch <= MAX_ROWS // 2:
             return False
         if getattr(stack.rotary, "layout", None) != "plain" or stack.norm.weight.dtype != torch.float32:
             return False
+        if not all(_plain_layer(layer) for layer in stack.layers):
+            return False
         attn, mlp = stack.layers[0].self_attn, stack.layers[0].mlp
         widths = (stack.norm.weight.shape[0], attn.num_heads * attn.head_dim, attn.head_dim, mlp.gate_proj.out_features)
         if any(w % 16 for w in widths) or attn.head_dim > MAX_HEAD_DIM:  # the kernel's vectors are 16 floats
             return False
         eps = {m.eps for m in stack.modules() if hasattr(m, "eps")}
-        return len(eps) == 1 and all(_plain_layer(layer) for layer in stack.layers) and not hooked(stack)
+        if len(eps) != 1 or len({_widths(layer) for layer in stack.layers}) != 1:  # one set of widths for all layers
+            return False
+        return not hooked(stack)
 
     @classmethod
     def create(cls, stack: nn.Module, cache: KVCache, batch: int) -> NativeDenseStep | None:
-        """A native step for `stack` and `cache`, or None where `usable` says no or `cache` does not fit."""
+        """A native step for `stack` and `cache`, or None where `usable` says no or `cache` does not fit (the
+        kernel writes every row at the same positions, so a cache with padding does not)."""
         keys = cache.keys
         if not cls.usable(stack, batch, keys.dtype, keys.device):
             return None
         if not (keys.is_contiguous() and cache.values.is_contiguous() and keys.shape[1] == batch) or \
-                cache.capacity > MAX_POSITIONS:
+                cache.capacity > MAX_POSITIONS or cache.has_padding:
             return None
         return cls(stack, cache, batch)
 
