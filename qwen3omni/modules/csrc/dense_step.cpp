@@ -4,14 +4,16 @@
 // The step runs every layer for a few new tokens (rows), in one call:
 //     x += o(attention(rope(q_norm(q(n))), rope(k_norm(k(n))), v(n)))   with n = rms_norm(x) * input_norm
 //     x += down(silu(gate(m)) * up(m))                                   with m = rms_norm(x) * post_norm
-// then out = rms_norm(x) * final_norm, and optionally logits = head(out) for each batch row's last token. Keys and values are written into the caller's cache at positions
-// [start, start + T) and attention is causal over [0, start + t].
+// then out = rms_norm(x) * final_norm, and optionally logits = head(out) for each batch row's last token.
+// Keys and values are written into the caller's cache at positions [start, start + T); token t attends
+// causally over [0, start + t].
 //
-// Why: the code predictor runs 15 such steps per speech frame, 75 layer steps over 300 MB of weights each
-// step. In torch, each layer step is ~25 small operations whose fixed costs (dispatch, thread wake-ups, fresh
-// buffers) add ~1 ms, on top of the one-row products that stream the weights. Here the products read each
-// weight row once, straight from memory, and everything between them runs in the same threads, which meet at
-// a barrier between phases (five per layer).
+// Why: the code predictor runs 15 such steps per speech frame, 5 layers and 300 MB of weights each. In torch
+// each layer step is ~25 small operations whose fixed costs (dispatch, thread wake-ups, fresh buffers) add
+// ~1 ms on top of the one-row products that stream the weights: 240 ms a frame, against 161 ms for the
+// products alone (real widths, 2 threads). Here the products read each weight row once, straight from memory,
+// and everything between them runs in the same threads, which meet at a barrier between phases (five per
+// layer): 165 ms a frame.
 //
 // Threads split each product's output rows; every output value is one row's dot product summed in one fixed
 // order, so the result does not depend on the thread count. Small per-row work (the norms) is repeated by
@@ -22,7 +24,6 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
-
 
 extern "C" {
 // Row-major float32 weights of one layer (torch's nn.Linear layout, [out, in]).
