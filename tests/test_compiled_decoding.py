@@ -9,15 +9,29 @@ import shutil
 import pytest
 import torch
 
-from qwen3omni.modules import decoder
+from qwen3omni.modules import cpu_kernels, decoder, dense_step
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="inductor needs a C++ compiler on CPU")
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_compiled_decode_steps_equal_eager(tiny_model, monkeypatch, rows):
+@pytest.mark.parametrize("rows,native", [(1, False), (2, False), (1, True)])
+def test_compiled_decode_steps_equal_eager(tiny_model, monkeypatch, rows, native):
+    """With `native`, the code predictor's frames run through its native CPU step (which generation prefers
+    to the compiled one) and only the thinker and talker steps are compiled."""
     from test_graph_paths import prompt
+
+    if native and cpu_kernels.dense_step() is None:
+        pytest.skip("the native code predictor step needs AVX-512 or AVX2 and a C++ compiler")
+    monkeypatch.setattr(tiny_model.talker.code_predictor, "cpu_kernel", native)
+    native_steps = {"n": 0}
+    real_step = dense_step.NativeDenseStep.step
+
+    def counted_step(self, *args, **kwargs):
+        native_steps["n"] += 1
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(dense_step.NativeDenseStep, "step", counted_step)
 
     batch = prompt(tiny_model, rows)  # 2 rows: one left-padded, so the static caches mask padding
     kw = dict(max_new_tokens=6, talker_do_sample=False, talker_max_new_tokens=8)
@@ -40,6 +54,7 @@ def test_compiled_decode_steps_equal_eager(tiny_model, monkeypatch, rows):
     from torch._dynamo.utils import counters
 
     counters.clear()
+    native_steps["n"] = 0
     tiny_model.compile_decoding()
     try:
         compiled = tiny_model.generate(**batch, **kw)
@@ -56,8 +71,10 @@ def test_compiled_decode_steps_equal_eager(tiny_model, monkeypatch, rows):
     frames = max(c.shape[-1] for c in eager.codes)
     # every decode step of every stack went through the compiled layer step
     least = (kw["max_new_tokens"] - 1) * layers["thinker"] + (frames - 1) * layers["talker"]
-    least += frames * 15 * layers["predictor"]
+    if not native:
+        least += frames * 15 * layers["predictor"]
     assert calls["n"] >= least
+    assert native_steps["n"] == (frames * 15 if native else 0)  # batch 1: every frame's 15 steps, natively
     # CPU stacks compile with inductor's pass that fuses one-row products into the kernels around them
     assert len(seen_options) == 3
     assert all(o["options"]["post_grad_fusion_options"] == {"decompose_mm_pass": {}} for o in seen_options)

@@ -111,13 +111,16 @@ def _talker_decoder(talker, cache, embed, positions, graphs: bool):
 
 
 def _predictor(talker, batch: int, dtype, device, graphs: bool, settings: SpeechSettings):
-    """(hidden [B, C], code 0 [B]) -> (codes 1..15 [B, 15], the frame's 16 codec embeddings [B, 16, C])."""
-    if static_steps(talker.code_predictor.model, graphs):
+    """(hidden [B, C], code 0 [B]) -> (codes 1..15 [B, 15], the frame's 16 codec embeddings [B, 16, C]).
+    Frames go through `predict` (one native call per step where the CPU kernel can run, else the eager loop),
+    or through the static-cache runner for CUDA graphs or compiled steps where the native kernel cannot run."""
+    cache = talker.code_predictor.new_cache(batch, dtype, device)
+    native = not graphs and talker.code_predictor.native_step(cache) is not None
+    if static_steps(talker.code_predictor.model, graphs) and not native:
         runner = predictor_runner(talker.code_predictor, batch, dtype, device, capture=graphs)
         return lambda hidden, token: runner.run(
             hidden, talker.model.codec_embedding(token), settings.predictor, settings.generator
         )
-    cache = talker.code_predictor.new_cache(batch, dtype, device)
 
     def predict(hidden, token):
         frame = talker.predict_residual(hidden, token, settings.predictor, settings.generator, cache,
