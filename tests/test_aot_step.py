@@ -145,3 +145,32 @@ def test_speech_model_generates_the_eager_text_codes_and_audio(tiny_model, monke
 def test_ahead_of_time_is_a_flag(dense_stack):
     with pytest.raises(InputError, match="ahead_of_time: expected True or False, got 'yes'"):
         dense_stack.compile_decode_step(ahead_of_time="yes")
+
+
+def test_torch_compiled_steps_run_a_hooked_layer_eagerly(dense_stack):
+    """Without `ahead_of_time`, a compiled stack's layer that has a forward hook (registered after compiling)
+    runs eagerly, so the hook sees every step, as in eager decoding; the other layers stay compiled."""
+    eager = decode(dense_stack, 3)
+    dense_stack.compile_decode_step()
+    try:
+        step = dense_stack.compiled_step
+        compiled_calls = {"n": 0}
+        real = step.compiled
+
+        def counted(*args):
+            compiled_calls["n"] += 1
+            return real(*args)
+
+        step.compiled = counted
+        assert torch.allclose(decode(dense_stack, 3), eager, rtol=1e-5, atol=1e-5)  # compiles
+        seen = []
+        handle = dense_stack.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[:2])))
+        compiled_calls["n"] = 0
+        try:
+            assert torch.allclose(decode(dense_stack, 3), eager, rtol=1e-5, atol=1e-5)
+        finally:
+            handle.remove()
+        assert seen == [(1, 2)] + [(1, 1)] * 3
+        assert compiled_calls["n"] == 4 * (len(dense_stack.layers) - 1)  # the other layers: all 4 steps compiled
+    finally:
+        dense_stack.compile_decode_step(False)

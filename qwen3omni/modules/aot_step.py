@@ -64,10 +64,7 @@ class _LayerShape:
         self.settings = [(m, k, v) for m in self.modules for k, v in vars(m).items()
                          if not k.startswith("_") and isinstance(v, _SIMPLE)]
         self.seen = _assignments[0]
-        # the hook tables themselves (they stay the same objects as hooks come and go): one any() per call
-        glob = nn.modules.module
-        self.hooks = [glob._global_forward_hooks, glob._global_forward_pre_hooks]
-        self.hooks += [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.hooks = _hook_tables(layer)  # one any() per call
 
     def unchanged(self) -> bool:
         """No hooks (checked every call), and, when any module was assigned a parameter or a submodule since
@@ -89,6 +86,40 @@ class _LayerShape:
 
 
 _MISSING = object()
+
+
+def _hook_tables(layer: nn.Module) -> list[dict]:
+    """The forward (pre-)hook tables a call of `layer` would consult: global ones, then each module's. They stay
+    the same dict objects as hooks come and go, so one `any()` over them per call says whether hooks would run."""
+    glob = nn.modules.module
+    tables = [glob._global_forward_hooks, glob._global_forward_pre_hooks]
+    return tables + [d for m in layer.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
+
+
+class EagerWhenHooked:
+    """Callable as `run_layer(layer, x, rope, mask, kv)`: the torch.compile'd step `compiled` for a layer that
+    has no forward hooks, the eager layer (its hooks run) for one that has (on any of its modules, or global
+    ones). torch.compile'd steps do not run hooks; with this a hook registered during compiled decoding fires
+    as it would in eager decoding. Costs one `any()` over the layer's hook tables per call; the tables are
+    listed again after any module anywhere is assigned a parameter or a submodule (a new module brings new
+    tables)."""
+
+    def __init__(self, layers: nn.ModuleList, compiled):
+        _watch_assignments()
+        self.layers, self.compiled = layers, compiled
+        self._list_tables()
+
+    def _list_tables(self) -> None:
+        self.seen = _assignments[0]
+        self.tables = {id(layer): _hook_tables(layer) for layer in self.layers}
+
+    def __call__(self, layer, x, rope, mask, kv):
+        if self.seen != _assignments[0]:
+            self._list_tables()
+        tables = self.tables.get(id(layer))
+        if tables is None or any(tables):
+            return layer(x, rope, mask, kv)
+        return self.compiled(layer, x, rope, mask, kv)
 
 
 class _Exported(nn.Module):

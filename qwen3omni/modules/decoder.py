@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError
-from .aot_step import AheadOfTimeStep
+from .aot_step import AheadOfTimeStep, EagerWhenHooked
 from .attention import Attention, decoder_mask, set_attention_backend
 from .kv_cache import KVCache, LayerKV
 from .moe import Experts, MoeBlock
@@ -116,8 +116,10 @@ class DecoderStack(nn.Module):
         `with_one_row_products_fused`). Two dynamo settings are raised process-wide (see the body): the
         recompile limit, and (for a stack on CPU) shape guards checked in C++.
 
-        Forward hooks on a layer's modules do not run inside torch.compile'd steps (checked: neither hooks
-        registered before compiling nor after); decode eagerly to use them, or with `ahead_of_time=True`.
+        A layer with forward hooks (on any of its modules, registered before compiling or after, or global
+        ones) runs its steps eagerly, so the hooks run; the other layers stay compiled (`EagerWhenHooked`:
+        torch.compile'd code itself runs no hooks). CUDA graph replays run no Python at all, hooks included:
+        generate with `cuda_graphs=False` on a GPU to see them at every step.
 
         `ahead_of_time=True` (CPU stacks): one-token steps run an AOTInductor build of the layer instead, with
         no dynamo bookkeeping per call (~20% faster per token at small widths; ~10 s to build per batch size
@@ -150,9 +152,11 @@ class DecoderStack(nn.Module):
             self._layer_step = own_copy(run_layer, f"{type(self).__name__}_{id(self):x}")
         if self.norm.weight.device.type == "cpu":
             options = with_one_row_products_fused(options)
-        self.compiled_step = torch.compile(self._layer_step, **options)
+        compiled = torch.compile(self._layer_step, **options)
         if ahead_of_time:
-            self.compiled_step = AheadOfTimeStep(self.layers, self.compiled_step, options.get("options"))
+            self.compiled_step = AheadOfTimeStep(self.layers, compiled, options.get("options"))
+        else:
+            self.compiled_step = EagerWhenHooked(self.layers, compiled)
 
     @staticmethod
     def _layer_kv(cache: KVCache | None, i: int, compiled: bool) -> LayerKV | None:
