@@ -272,17 +272,53 @@ def _check_index_against_shards(index: Path, files: dict[str, Path]) -> None:
 
 
 # ---- materialising a meta model ---------------------------------------------------------------------------
+class _NoRandomInitOnMeta(torch.overrides.TorchFunctionMode):
+    """In-place random fills of meta tensors return at once: a meta tensor has no values to fill."""
+
+    init = torch.nn.init
+    FILLS = frozenset({
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.random_, torch.Tensor.bernoulli_,
+        torch.Tensor.exponential_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.geometric_,
+        # torch.nn.init's functions dispatch as themselves first
+        init.normal_, init.uniform_, init.trunc_normal_, init.kaiming_uniform_, init.kaiming_normal_,
+        init.xavier_uniform_, init.xavier_normal_, init.orthogonal_, init.sparse_,
+    })
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FILLS:
+            tensor = args[0] if args else kwargs.get("tensor")  # (torch.nn.init passes it by keyword)
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Build modules on the meta device (shapes only, no storage), skipping their random initialisations.
+    Some initialisers (nn.Embedding's normal_) run a meta tensor through Python reference implementations that
+    import torch._dynamo on first use: ~1 s of a fresh process's `from_pretrained`, for values never used."""
+    with torch.device("meta"), _NoRandomInitOnMeta():
+        yield
+
+
 def materialize(model: nn.Module, device, dtype: torch.dtype | None) -> None:
     """Give a model built on `meta` real (uninitialised) storage: one allocation per tensor, final dtype."""
     if dtype is not None:
         model.to(dtype)
     devices = device if isinstance(device, dict) else None
     if devices is None:
-        model.to_empty(device=device or "cpu")
+        _to_empty(model, device or "cpu")
     else:
         for name, child in model.named_children():
-            child.to_empty(device=devices.get(name, "cpu"))
+            _to_empty(child, devices.get(name, "cpu"))
     reset_buffers(model)
+
+
+def _to_empty(module: nn.Module, device) -> None:
+    """`module.to_empty(device=device)` by plain `torch.empty` of each tensor's shape: `to_empty`'s `empty_like`
+    of a meta tensor runs a Python reference that imports sympy on first use (~0.4 s of a fresh process)."""
+    module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def reset_buffers(model: nn.Module) -> None:

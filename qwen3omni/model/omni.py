@@ -147,7 +147,7 @@ class Qwen3Omni(nn.Module):
         check_backend(attention, "attention")  # before reading tens of GB
         dtype = _as_dtype(dtype)
         config = Qwen3OmniConfig.from_pretrained(path)
-        with torch.device("meta"):
+        with ckpt.on_meta():
             model = cls(config, components)
         dtype = dtype if dtype is not None else _config_dtype(config)
         ckpt.materialize(model, resolve_devices(device, model.components), dtype)

@@ -97,7 +97,7 @@ def load_sharded(
     from ..model.omni import Qwen3Omni, _as_dtype, _config_dtype
 
     config = Qwen3OmniConfig.from_pretrained(path)
-    with torch.device("meta"):
+    with ckpt.on_meta():
         model = Qwen3Omni(config, components)
     dtype = _as_dtype(dtype)
     model.to(dtype if dtype is not None else _config_dtype(config))
