@@ -302,6 +302,21 @@ def test_native_step_avx2_build_matches_reference(which, request, monkeypatch):
 
 
 @needs_native
+def test_native_sampled_frames_match_reference_draws(tiny):
+    """Sampled frames run step by step natively (greedy ones as one native call): with the reference's knobs and
+    the same global seed our draws equal its sampled codes, for a batch of 2."""
+    hidden, layer0 = _frames(tiny, B=2, seed=2)
+    with torch.no_grad():
+        assert tiny.ours.native_step(tiny.ours.new_cache(2)) is not None
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ref = _reference_generate(tiny, hidden, layer0, do_sample=True, top_k=50, top_p=0.8)
+        torch.manual_seed(seed)
+        ours = tiny.talker.predict_residual(hidden, layer0, predictor_sampling(True))
+        assert torch.equal(ours.codes, ref.sequences)
+
+
+@needs_native
 def test_native_step_is_thread_count_invariant(variant):
     """Each output value is one dot product summed in one order, whichever thread computes it."""
     hidden, layer0 = _frames(variant, B=2, seed=6)

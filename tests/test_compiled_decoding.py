@@ -24,14 +24,15 @@ def test_compiled_decode_steps_equal_eager(tiny_model, monkeypatch, rows, native
     if native and cpu_kernels.dense_step() is None:
         pytest.skip("the native code predictor step needs AVX-512 or AVX2 and a C++ compiler")
     monkeypatch.setattr(tiny_model.talker.code_predictor, "cpu_kernel", native)
-    native_steps = {"n": 0}
-    real_step = dense_step.NativeDenseStep.step
+    native_steps = {"n": 0}  # predictor steps run natively: one per step call, 15 per greedy-frame call
+    for method, steps in (("step", 1), ("greedy_frame", 15)):
+        real = getattr(dense_step.NativeDenseStep, method)
 
-    def counted_step(self, *args, **kwargs):
-        native_steps["n"] += 1
-        return real_step(self, *args, **kwargs)
+        def counted(self, *args, _real=real, _steps=steps, **kwargs):
+            native_steps["n"] += _steps
+            return _real(self, *args, **kwargs)
 
-    monkeypatch.setattr(dense_step.NativeDenseStep, "step", counted_step)
+        monkeypatch.setattr(dense_step.NativeDenseStep, method, counted)
 
     batch = prompt(tiny_model, rows)  # 2 rows: one left-padded, so the static caches mask padding
     kw = dict(max_new_tokens=6, talker_do_sample=False, talker_max_new_tokens=8)

@@ -150,6 +150,11 @@ class CodePredictor(nn.Module):
         logits_all = [] if return_logits else None
         positions = torch.arange(G, device=talker_hidden_BC.device).view(1, 1, G).expand(1, B, G)
         native = self.native_step(cache)
+        if native is not None and not sampling.do_sample:  # the whole frame in one native call
+            logits = torch.empty(B, self.num_residual, self.config.vocab_size)
+            heads, tables = [h.weight for h in self.lm_head], [t.weight for t in self.model.codec_embedding]
+            native.greedy_frame(seq, heads, tables, codes, logits)
+            return PredictedFrame(codes=codes, codec_embeds=seq[:, 1:], logits=logits if return_logits else None)
         for step in range(self.num_residual):
             if native is not None:
                 start, width = (0, 2) if step == 0 else (step + 1, 1)
@@ -173,7 +178,8 @@ class CodePredictor(nn.Module):
         batch of more than 2, or forward hooks on the stack or the heads (they would not run)."""
         if not self.cpu_kernel or any(hooked(head) for head in self.lm_head):
             return None
-        if any(head.weight.dtype != torch.float32 or not head.weight.is_contiguous() for head in self.lm_head):
+        weights = [m.weight for m in (*self.lm_head, *self.model.codec_embedding)]
+        if any(w.dtype != torch.float32 or not w.is_contiguous() for w in weights):
             return None
         return NativeDenseStep.create(self.model, cache, cache.keys.shape[1])
 

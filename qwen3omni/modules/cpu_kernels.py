@@ -86,7 +86,7 @@ def _build(compiler: str, name: str, isa: str) -> Path:
     return target
 
 
-def _load(name: str, isa: str, argtypes: list):
+def _load(name: str, isa: str, entries: dict):
     compiler = _compiler()
     if compiler is None:
         return None
@@ -96,23 +96,26 @@ def _load(name: str, isa: str, argtypes: list):
         warnings.warn(f"qwen3omni: the CPU kernel {name} could not be built ({err}); using the torch path",
                       stacklevel=4)
         return None
-    fn = getattr(lib, f"q3o_{name}")
-    fn.argtypes = argtypes
-    fn.restype = ctypes.c_int
-    return fn
+    functions = {}
+    for symbol, argtypes in entries.items():
+        fn = getattr(lib, symbol)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        functions[symbol] = fn
+    return functions
 
 
-def _kernel(name: str, argtypes: list):
-    """The entry point of kernel `name` (a ctypes function), or None where it cannot run here. The first call on
-    a machine builds it (a second or two); later calls return what the first one found."""
+def _kernel(name: str, entries: dict, symbol: str):
+    """Entry point `symbol` of kernel `name` (a ctypes function; `entries` gives every entry point's argument
+    types), or None where it cannot run here. The first call on a machine builds the kernel (a second or two);
+    later calls return what the first one found."""
     if not ENABLED:
         return None
     if name not in _loaded:
         with _lock:
             if name not in _loaded:
                 isa = torch.backends.cpu.get_cpu_capability()
-                _loaded[name] = _load(name, isa, argtypes) if isa in KERNEL_ISAS[name] else None
-    return _loaded[name]
+                _loaded[name] = _load(name, isa, entries) if isa in KERNEL_ISAS[name] else None
+    return None if _loaded[name] is None else _loaded[name][symbol]
 
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
@@ -120,8 +123,8 @@ _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 
 def grouped_gemm():
     """`csrc/grouped_gemm.cpp`'s entry point, or None where it cannot run here."""
-    return _kernel("grouped_gemm", [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p,
-                                    ctypes.c_int])
+    args = [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, ctypes.c_int]
+    return _kernel("grouped_gemm", {"q3o_grouped_gemm": args}, "q3o_grouped_gemm")
 
 
 class DenseLayer(ctypes.Structure):
@@ -138,13 +141,30 @@ class DenseStep(ctypes.Structure):
         *[(n, _i64) for n in ("layers", "C", "H", "Hk", "D", "I")], ("eps", ctypes.c_float),
         ("layer", ctypes.POINTER(DenseLayer)), ("keys", _p), ("values", _p), ("B", _i64), ("capacity", _i64),
         ("start", _i64), ("T", _i64), ("cos", _p), ("sin", _p), ("x", _p), ("final_norm", _p), ("out", _p),
-        ("head", _p), ("V", _i64), ("logits", _p), ("threads", ctypes.c_int),
+        ("head", _p), ("V", _i64), ("logits", _p), ("logits_stride", _i64), ("threads", ctypes.c_int),
     ]
 
 
+class GreedyFrame(ctypes.Structure):
+    """`Q3oGreedyFrame` of `csrc/dense_step.cpp`: a whole greedy code predictor frame's heads, tables and outputs."""
+
+    _fields_ = [("steps", _i64), ("heads", ctypes.POINTER(_p)), ("tables", ctypes.POINTER(_p)), ("seq", _p),
+                ("cos", _p), ("sin", _p), ("codes", _p), ("logits", _p)]
+
+
+_DENSE = {"q3o_dense_step": [ctypes.POINTER(DenseStep)],
+          "q3o_dense_greedy_frame": [ctypes.POINTER(DenseStep), ctypes.POINTER(GreedyFrame)]}
+
+
 def dense_step():
-    """`csrc/dense_step.cpp`'s entry point (takes a pointer to a `DenseStep`), or None where it cannot run here."""
-    return _kernel("dense_step", [ctypes.POINTER(DenseStep)])
+    """`csrc/dense_step.cpp`'s one-step entry point (takes a pointer to a `DenseStep`), or None where it cannot
+    run here."""
+    return _kernel("dense_step", _DENSE, "q3o_dense_step")
+
+
+def dense_greedy_frame():
+    """`csrc/dense_step.cpp`'s greedy-frame entry point (a `DenseStep` and a `GreedyFrame`), or None."""
+    return _kernel("dense_step", _DENSE, "q3o_dense_greedy_frame")
 
 
 def _ptr(t: torch.Tensor | None):

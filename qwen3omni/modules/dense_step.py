@@ -142,6 +142,7 @@ class NativeDenseStep:
         if head is not None:
             logits = self._logits(head)
             args.head, args.V, args.logits = head.data_ptr(), head.shape[0], logits.data_ptr()
+            args.logits_stride = head.shape[0]
         else:
             args.head = None
         args.threads = torch.get_num_threads()
@@ -150,6 +151,39 @@ class NativeDenseStep:
             raise RuntimeError(f"qwen3omni dense_step kernel failed (status {status})")
         self.cache.length = start + T
         return self.out.view(-1)[: B * T * C].view(B, T, C), logits
+
+    def greedy_frame(self, seq: torch.Tensor, heads: list[torch.Tensor], tables: list[torch.Tensor],
+                     codes: torch.Tensor, logits: torch.Tensor) -> None:
+        """A code predictor frame in one native call, greedy (argmax, the first maximum as torch.argmax).
+
+        `seq` [B, n + 2, C] holds [hidden, embed(code 0)] in rows 0-1, laid out as `CodePredictor.predict` lays
+        it out: step 0 reads rows 0-1 at positions 0-1, step i >= 1 reads row i + 1 at position i + 1. Step i's
+        logits (head `heads[i]`) go to logits[:, i], its argmax to codes[:, i], and that code embedded by
+        `tables[i]` to row i + 2. `seq`, `codes` [B, n] (int64) and `logits` [B, n, V] are contiguous CPU
+        tensors; heads and tables contiguous float32 [V, C].
+        """
+        n, (B, rows, C) = len(heads), seq.shape
+        V = heads[0].shape[0]
+        fits = (B == self.batch and rows == n + 2 and C == self.args.C and n + 1 <= self.cache.capacity
+                and len(tables) == n and codes.shape == (B, n) and logits.shape == (B, n, V))
+        weights = [*heads, *tables]
+        if not fits or any(w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (V, C) for w in weights) \
+                or not (seq.is_contiguous() and codes.is_contiguous() and logits.is_contiguous()):
+            raise ValueError(f"greedy_frame: expected seq [{self.batch}, n + 2, {self.args.C}], n heads and tables "
+                             f"[V, {self.args.C}] (float32, contiguous), codes [B, n] and logits [B, n, V]; got seq "
+                             f"{tuple(seq.shape)}, {n} heads, {len(tables)} tables")
+        cos, sin = self._rotary(0, n + 1)
+        pointers = (ctypes.c_void_p * n)
+        frame = cpu_kernels.GreedyFrame(
+            steps=n, heads=pointers(*(h.data_ptr() for h in heads)), tables=pointers(*(t.data_ptr() for t in tables)),
+            seq=seq.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), codes=codes.data_ptr(),
+            logits=logits.data_ptr(),
+        )
+        self.args.V, self.args.threads = V, torch.get_num_threads()
+        status = cpu_kernels.dense_greedy_frame()(ctypes.byref(self.args), ctypes.byref(frame))
+        if status:
+            raise RuntimeError(f"qwen3omni dense_step kernel failed (status {status})")
+        self.cache.length = n + 1
 
     def _logits(self, head: torch.Tensor) -> torch.Tensor:
         if head.dtype != torch.float32 or head.device.type != "cpu" or not head.is_contiguous() or \

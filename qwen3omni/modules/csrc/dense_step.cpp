@@ -44,8 +44,22 @@ struct Q3oDenseStep {
     float* out;                      // [B * T, C]: x after the final norm
     const float* head;               // [V, C], or null: a head applied to each batch row's last token
     int64_t V;
-    float* logits;                   // [B, V]
+    float* logits;                   // [B, V], rows `logits_stride` apart
+    int64_t logits_stride;
     int threads;
+};
+
+// A whole greedy frame of the code predictor: `steps` steps, step i reading [hidden, embed(code 0)] (i = 0,
+// positions 0-1) or the code chosen by step i-1 (position i + 1), applying head i, choosing its argmax (the
+// first maximum, as torch.argmax) and embedding it with table i for the next step.
+struct Q3oGreedyFrame {
+    int64_t steps;
+    const float* const* heads;       // [steps] of [V, C]
+    const float* const* tables;      // [steps] of [V, C]
+    float* seq;                      // [B, steps + 2, C]: rows 0-1 given; row i + 2 written with step i's embedding
+    const float *cos, *sin;          // [steps + 1, D]: the rotary tables of positions 0..steps
+    int64_t* codes;                  // [B, steps]
+    float* logits;                   // [B, steps, V]
 };
 }
 
@@ -84,7 +98,6 @@ constexpr int kMaxRows = 4;
 constexpr int kBlock = 4;  // weight rows read together
 
 struct Shared {
-    const Q3oDenseStep* s;
     float *qkv, *attn, *act;  // [rows, H*D + 2*Hk*D], [rows, H*D], [rows, I]
 };
 
@@ -166,8 +179,8 @@ void rope(float* h, const float* cos, const float* sin, int64_t D) {
 }
 
 // Keys/values of one (batch row, key head), then attention for the query heads that read it.
-void attend_group(const Shared& sh, const Q3oDenseLayer& L, float* keys, float* values, int64_t b, int64_t g) {
-    const Q3oDenseStep& s = *sh.s;
+void attend_group(const Shared& sh, const Q3oDenseStep& s, const Q3oDenseLayer& L, float* keys, float* values,
+                  int64_t b, int64_t g) {
     const int64_t D = s.D, T = s.T, width = s.H * D + 2 * s.Hk * D, groups = s.H / s.Hk;
     float* k_cache = keys + (b * s.Hk + g) * s.capacity * D;
     float* v_cache = values + (b * s.Hk + g) * s.capacity * D;
@@ -204,9 +217,8 @@ void attend_group(const Shared& sh, const Q3oDenseLayer& L, float* keys, float* 
     }
 }
 
-void layer_step(Worker& w, int64_t l) {
+void layer_step(Worker& w, const Q3oDenseStep& s, int64_t l) {
     Shared& sh = *w.shared;
-    const Q3oDenseStep& s = *sh.s;
     const Q3oDenseLayer& L = s.layer[l];
     const int rows = static_cast<int>(s.B * s.T);
     const int64_t C = s.C, HD = s.H * s.D, KD = s.Hk * s.D, width = HD + 2 * KD;
@@ -225,7 +237,7 @@ void layer_step(Worker& w, int64_t l) {
     }
     barrier();
 
-    for (int64_t item = w.index; item < s.B * s.Hk; item += w.count) attend_group(sh, L, keys, values, item / s.Hk,
+    for (int64_t item = w.index; item < s.B * s.Hk; item += w.count) attend_group(sh, s, L, keys, values, item / s.Hk,
                                                                                  item % s.Hk);
     barrier();
 
@@ -265,46 +277,98 @@ void layer_step(Worker& w, int64_t l) {
     barrier();
 }
 
-void run_worker(Worker& w) {
-    const Q3oDenseStep& s = *w.shared->s;
-    for (int64_t l = 0; l < s.layers; ++l) layer_step(w, l);
+// Every layer, the final norm (into `out` when given) and the head. Ends without a barrier.
+void run_step(Worker& w, const Q3oDenseStep& s) {
+    for (int64_t l = 0; l < s.layers; ++l) layer_step(w, s, l);
     const int64_t rows = s.B * s.T;
     for (int64_t r = 0; r < rows; ++r) rms_norm(s.x + r * s.C, s.final_norm, s.C, s.eps, w.normed + r * s.C);
-    if (w.index == 0)
+    if (w.index == 0 && s.out)
         for (int64_t i = 0; i < rows * s.C; ++i) s.out[i] = w.normed[i];
     if (s.head) {  // each batch row's last token: rows T-1, 2T-1, ... of the normed stream
         int64_t a, b;
         share(w, s.V, &a, &b);
         if (a < b)
             products_rows(static_cast<int>(s.B), s.head + a * s.C, s.C, b - a, w.normed + (s.T - 1) * s.C,
-                          s.T * s.C, s.logits + a, s.V);
+                          s.T * s.C, s.logits + a, s.logits_stride);
     }
+}
+
+// The greedy frame (see Q3oGreedyFrame): every thread runs the same sequence of steps, each with its own copy
+// of the step's settings, and they meet at barriers around the shared parts (the inputs, the choices).
+void run_frame(Worker& w, const Q3oDenseStep& base, const Q3oGreedyFrame& f) {
+    const int64_t C = base.C, V = base.V, rows_in = f.steps + 2;
+    for (int64_t i = 0; i < f.steps; ++i) {
+        Q3oDenseStep s = base;
+        s.start = i == 0 ? 0 : i + 1;
+        s.T = i == 0 ? 2 : 1;
+        s.cos = f.cos + s.start * s.D;
+        s.sin = f.sin + s.start * s.D;
+        s.head = f.heads[i];
+        s.logits = f.logits + i * V;
+        s.logits_stride = f.steps * V;
+        if (w.index == 0)  // the step's inputs: rows [start, start + T) of each batch row's sequence
+            for (int64_t b = 0; b < s.B; ++b)
+                for (int64_t t = 0; t < s.T; ++t)
+                    for (int64_t c = 0; c < C; ++c)
+                        s.x[(b * s.T + t) * C + c] = f.seq[(b * rows_in + s.start + t) * C + c];
+        barrier();
+        run_step(w, s);
+        barrier();
+        for (int64_t b = w.index; b < s.B; b += w.count) {
+            const float* row = s.logits + b * s.logits_stride;
+            int64_t best = 0;
+            for (int64_t v = 1; v < V; ++v) best = row[v] > row[best] ? v : best;
+            f.codes[b * f.steps + i] = best;
+            const float* embedding = f.tables[i] + best * C;
+            float* next = f.seq + (b * rows_in + i + 2) * C;
+            for (int64_t c = 0; c < C; ++c) next[c] = embedding[c];
+        }
+        barrier();
+    }
+}
+
+}  // namespace
+
+namespace {
+
+bool fits(const Q3oDenseStep* s, int64_t rows, int64_t last_position) {
+    return rows >= 1 && rows <= kMaxRows && s->C % 16 == 0 && s->H * s->D % 16 == 0 && s->I % 16 == 0 &&
+           s->D % 16 == 0 && s->D <= 512 && last_position < s->capacity && last_position < 4096 && s->H % s->Hk == 0;
+}
+
+// Runs `body(worker)` on the team, with scratch buffers for `rows` rows. Returns 0, or 2 when memory ran out.
+template <typename Body>
+int in_team(const Q3oDenseStep* s, int64_t rows, Body body) {
+    const int threads = s->threads < 1 ? 1 : (s->threads > 64 ? 64 : s->threads);
+    const int64_t width = s->H * s->D + 2 * s->Hk * s->D;
+    const int64_t floats = rows * (width + s->H * s->D + s->I) + threads * rows * s->C;
+    float* scratch = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((floats + 15) / 16 * 16)));
+    if (!scratch) return 2;
+    Shared shared{scratch, scratch + rows * width, scratch + rows * width + rows * s->H * s->D};
+    float* normed = shared.act + rows * s->I;
+#pragma omp parallel num_threads(threads)
+    {
+        // the team may be smaller than asked for (nested in another parallel region, say): shares follow it
+        const int t = omp_get_thread_num();
+        Worker w{&shared, t, omp_get_num_threads(), normed + t * rows * s->C};
+        body(w);
+    }
+    free(scratch);
+    return 0;
 }
 
 }  // namespace
 
 // Returns 0; 1 when the shapes are outside what the kernel handles, 2 when memory ran out.
 extern "C" int q3o_dense_step(const Q3oDenseStep* s) {
-    if (s->B * s->T < 1 || s->B * s->T > kMaxRows || s->C % 16 || s->H * s->D % 16 || s->I % 16 || s->D % 16 ||
-        s->D > 512 || (s->head && (s->V < 1 || !s->logits)) ||
-        s->start + s->T > s->capacity || s->start + s->T > 4096 || s->H % s->Hk)
+    if (!fits(s, s->B * s->T, s->start + s->T - 1) || (s->head && (s->V < 1 || !s->logits)))
         return 1;
-    const int threads = s->threads < 1 ? 1 : (s->threads > 64 ? 64 : s->threads);
-    const int64_t rows = s->B * s->T, width = s->H * s->D + 2 * s->Hk * s->D;
-    Shared shared{s, nullptr, nullptr, nullptr};
-    const int64_t floats = rows * (width + s->H * s->D + s->I) + threads * rows * s->C;
-    float* scratch = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((floats + 15) / 16 * 16)));
-    if (!scratch) return 2;
-    shared.qkv = scratch;
-    shared.attn = shared.qkv + rows * width;
-    shared.act = shared.attn + rows * s->H * s->D;
-    float* normed = shared.act + rows * s->I;
-#pragma omp parallel num_threads(threads)
-    {
-        // the team may be smaller than asked for (nested in another parallel region, say): shares follow it
-        Worker w{&shared, omp_get_thread_num(), omp_get_num_threads(), normed + omp_get_thread_num() * rows * s->C};
-        run_worker(w);
-    }
-    free(scratch);
-    return 0;
+    return in_team(s, s->B * s->T, [s](Worker& w) { run_step(w, *s); });
+}
+
+// A greedy frame (see Q3oGreedyFrame) in one call: `s` gives the widths, weights, cache and threads (its
+// start, T, cos, sin, head, logits and out are set per step). Returns as q3o_dense_step does.
+extern "C" int q3o_dense_greedy_frame(const Q3oDenseStep* s, const Q3oGreedyFrame* f) {
+    if (f->steps < 1 || !fits(s, s->B * 2, f->steps) || s->V < 1) return 1;
+    return in_team(s, s->B * 2, [s, f](Worker& w) { run_frame(w, *s, *f); });
 }
