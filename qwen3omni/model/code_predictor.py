@@ -8,7 +8,8 @@ codebook. Step s (0-based) uses head `lm_head[s]` and yields code s+1; code s+1 
 
 At inference it runs 15 times per frame, so `predict` is a fixed Python loop over a preallocated cache of
 `num_code_groups` positions with no host syncs. In float32 on an AVX-512 or AVX2 CPU each step (every layer, then the
-head) is one native call (`modules.dense_step`), about a third faster than the torch path there.
+head) is one native call (`modules.dense_step`), and a greedy frame one call in all: about a third faster than
+the torch path there.
 `teacher_forced_logits` computes all heads of many frames in one pass for training.
 """
 

@@ -3,8 +3,9 @@
 Two kernels, both float32 on x86 CPUs (each file's header says why torch is slow there):
 - `csrc/grouped_gemm.cpp`: the expert products of a MoE prefill (`grouped_gemm()`, used by `moe.Experts`),
   for AVX-512;
-- `csrc/dense_step.cpp`: one decode step of a whole dense decoder stack, the code predictor's (`dense_step()`,
-  used by `dense_step.NativeDenseStep`), for AVX-512 or AVX2 with FMA (a build per instruction set).
+- `csrc/dense_step.cpp`: one decode step of a whole dense decoder stack, the code predictor's (`dense_step()`),
+  or a whole greedy code predictor frame (`dense_greedy_frame()`), used by `dense_step.NativeDenseStep`, for
+  AVX-512 or AVX2 with FMA (a build per instruction set).
 Each is built for the instruction set torch reports for this CPU (`torch.backends.cpu.get_cpu_capability()`).
 Nothing here is required: where there is no compiler, no instruction set a kernel supports, or the build fails,
 `grouped_gemm()` and `dense_step()` return None (a build failure is warned about once) and the callers keep

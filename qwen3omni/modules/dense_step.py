@@ -3,8 +3,8 @@
 The code predictor runs 15 steps of its 5-layer stack per speech frame. In torch each layer step is ~25 small
 operations whose fixed costs add ~85 ms per frame to the 161 ms its one-row products take alone (real widths,
 2 threads: 240 ms a frame); natively the 15 steps take 165 ms (`scripts/bench.py -w D`). `csrc/dense_step.cpp`
-runs a whole step, every layer, in one call (see its header). It is used only where it computes what the torch
-path computes, up to float32 summation order: see `NativeDenseStep.usable`.
+runs a whole step, every layer, in one call, or a whole greedy frame (see its header). It is used only where it
+computes what the torch path computes, up to float32 summation order: see `NativeDenseStep.usable`.
 """
 
 from __future__ import annotations
