@@ -369,6 +369,32 @@ def test_native_step_rejects_bad_calls(tiny):
         native.step(torch.randn(1, 1, C), 16)
     with pytest.raises(ValueError, match=r"head: expected a contiguous float32 CPU weight"):
         native.step(torch.randn(1, 1, C), 0, head=torch.randn(C, 8).t())
+    # a greedy frame's outputs are written by the kernel: their dtypes are checked, not assumed
+    n, V = tiny.ours.num_residual, tiny.ours.config.vocab_size
+    heads, tables = [h.weight for h in tiny.ours.lm_head], [t.weight for t in tiny.ours.model.codec_embedding]
+    seq, logits = torch.zeros(1, n + 2, C), torch.zeros(1, n, V)
+    with pytest.raises(ValueError, match=r"greedy_frame: .*codes torch.int32"):
+        native.greedy_frame(seq, heads, tables, torch.zeros(1, n, dtype=torch.int32), logits)
+
+
+@needs_native
+def test_native_greedy_frame_takes_a_nan_as_the_maximum(tiny):
+    """As torch.argmax does: a head row of NaN weights makes that code the choice on both paths."""
+    hidden, layer0 = _frames(tiny, B=2, seed=10)
+    head = tiny.ours.lm_head[3].weight
+    saved = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head[7] = float("nan")
+        native = tiny.talker.predict_residual(hidden, layer0).codes
+        tiny.ours.cpu_kernel = False
+        torch_path = tiny.talker.predict_residual(hidden, layer0).codes
+    finally:
+        tiny.ours.cpu_kernel = True
+        with torch.no_grad():
+            head.copy_(saved)
+    assert (native[:, 3] == 7).all()
+    assert torch.equal(native[:, :4], torch_path[:, :4])
 
 
 def test_native_step_build_failure_falls_back(monkeypatch, tmp_path, tiny):

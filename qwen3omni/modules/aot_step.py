@@ -64,7 +64,7 @@ class _LayerShape:
         self.settings = [(m, k, v) for m in self.modules for k, v in vars(m).items()
                          if not k.startswith("_") and isinstance(v, _SIMPLE)]
         self.seen = _assignments[0]
-        self.hooks = _hook_tables(layer)  # one any() per call
+        self.hooks = hook_tables(layer)  # one any() per call
 
     def unchanged(self) -> bool:
         """No hooks (checked every call), and, when any module was assigned a parameter or a submodule since
@@ -88,7 +88,7 @@ class _LayerShape:
 _MISSING = object()
 
 
-def _hook_tables(layer: nn.Module) -> list[dict]:
+def hook_tables(layer: nn.Module) -> list[dict]:
     """The forward (pre-)hook tables a call of `layer` would consult: global ones, then each module's. They stay
     the same dict objects as hooks come and go, so one `any()` over them per call says whether hooks would run."""
     glob = nn.modules.module
@@ -111,7 +111,7 @@ class EagerWhenHooked:
 
     def _list_tables(self) -> None:
         self.seen = _assignments[0]
-        self.tables = {id(layer): _hook_tables(layer) for layer in self.layers}
+        self.tables = {id(layer): hook_tables(layer) for layer in self.layers}
 
     def __call__(self, layer, x, rope, mask, kv):
         if self.seen != _assignments[0]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
+from .aot_step import hook_tables
 from .attention import Attention
 from .few_rows import cpu_autocast
 from .kv_cache import KVCache
@@ -44,10 +45,7 @@ def _widths(layer: nn.Module) -> tuple:
 
 def hooked(module: nn.Module) -> bool:
     """Forward hooks anywhere in `module` (or global ones): they must see the torch path's module calls."""
-    glob = nn.modules.module
-    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    return any(hook_tables(module))
 
 
 class NativeDenseStep:
@@ -167,11 +165,13 @@ class NativeDenseStep:
         fits = (B == self.batch and rows == n + 2 and C == self.args.C and n + 1 <= self.cache.capacity
                 and len(tables) == n and codes.shape == (B, n) and logits.shape == (B, n, V))
         weights = [*heads, *tables]
+        buffers = ((seq, torch.float32), (codes, torch.int64), (logits, torch.float32))  # what the kernel writes
         if not fits or any(w.dtype != torch.float32 or not w.is_contiguous() or w.shape != (V, C) for w in weights) \
-                or not (seq.is_contiguous() and codes.is_contiguous() and logits.is_contiguous()):
+                or any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t, dtype in buffers):
             raise ValueError(f"greedy_frame: expected seq [{self.batch}, n + 2, {self.args.C}], n heads and tables "
-                             f"[V, {self.args.C}] (float32, contiguous), codes [B, n] and logits [B, n, V]; got seq "
-                             f"{tuple(seq.shape)}, {n} heads, {len(tables)} tables")
+                             f"[V, {self.args.C}] (float32, contiguous), codes [B, n] (int64) and logits [B, n, V] "
+                             f"(float32), contiguous on the CPU; got seq {tuple(seq.shape)} {seq.dtype}, {n} heads, "
+                             f"{len(tables)} tables, codes {codes.dtype}, logits {logits.dtype}")
         cos, sin = self._rotary(0, n + 1)
         pointers = (ctypes.c_void_p * n)
         frame = cpu_kernels.GreedyFrame(

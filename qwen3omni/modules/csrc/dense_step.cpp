@@ -308,6 +308,7 @@ void run_frame(Worker& w, const Q3oDenseStep& base, const Q3oGreedyFrame& f) {
         s.head = f.heads[i];
         s.logits = f.logits + i * V;
         s.logits_stride = f.steps * V;
+        s.out = nullptr;  // only the logits are read
         if (w.index == 0)  // the step's inputs: rows [start, start + T) of each batch row's sequence
             for (int64_t b = 0; b < s.B; ++b)
                 for (int64_t t = 0; t < s.T; ++t)
@@ -318,8 +319,14 @@ void run_frame(Worker& w, const Q3oDenseStep& base, const Q3oGreedyFrame& f) {
         barrier();
         for (int64_t b = w.index; b < s.B; b += w.count) {
             const float* row = s.logits + b * s.logits_stride;
-            int64_t best = 0;
-            for (int64_t v = 1; v < V; ++v) best = row[v] > row[best] ? v : best;
+            int64_t best = 0;  // torch.argmax: the first maximum, a NaN counting as the maximum
+            for (int64_t v = 0; v < V; ++v) {
+                if (row[v] != row[v]) {
+                    best = v;
+                    break;
+                }
+                best = row[v] > row[best] ? v : best;
+            }
             f.codes[b * f.steps + i] = best;
             const float* embedding = f.tables[i] + best * C;
             float* next = f.seq + (b * rows_in + i + 2) * C;
@@ -328,10 +335,6 @@ void run_frame(Worker& w, const Q3oDenseStep& base, const Q3oGreedyFrame& f) {
         barrier();
     }
 }
-
-}  // namespace
-
-namespace {
 
 bool fits(const Q3oDenseStep* s, int64_t rows, int64_t last_position) {
     return rows >= 1 && rows <= kMaxRows && s->C % 16 == 0 && s->H * s->D % 16 == 0 && s->I % 16 == 0 &&
