@@ -275,13 +275,13 @@ def _check_index_against_shards(index: Path, files: dict[str, Path]) -> None:
 class _NoRandomInitOnMeta(torch.overrides.TorchFunctionMode):
     """In-place random fills of meta tensors return at once: a meta tensor has no values to fill."""
 
-    init = torch.nn.init
     FILLS = frozenset({
         torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.random_, torch.Tensor.bernoulli_,
         torch.Tensor.exponential_, torch.Tensor.log_normal_, torch.Tensor.cauchy_, torch.Tensor.geometric_,
         # torch.nn.init's functions dispatch as themselves first
-        init.normal_, init.uniform_, init.trunc_normal_, init.kaiming_uniform_, init.kaiming_normal_,
-        init.xavier_uniform_, init.xavier_normal_, init.orthogonal_, init.sparse_,
+        *(getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_",
+                                                     "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+                                                     "orthogonal_", "sparse_")),
     })
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

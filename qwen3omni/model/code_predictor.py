@@ -177,7 +177,7 @@ class CodePredictor(nn.Module):
         """The native kernel for this frame's steps over `cache` (see `modules.dense_step`), or None where it
         cannot stand in for `step_logits`: `cpu_kernel` off, not float32 inference on an AVX-512 or AVX2 CPU, a
         batch of more than 2, or forward hooks on the stack or the heads (they would not run)."""
-        if not self.cpu_kernel or any(hooked(head) for head in self.lm_head):
+        if not self.cpu_kernel or cache.keys.device.type != "cpu" or any(hooked(head) for head in self.lm_head):
             return None
         weights = [m.weight for m in (*self.lm_head, *self.model.codec_embedding)]
         if any(w.dtype != torch.float32 or not w.is_contiguous() for w in weights):
